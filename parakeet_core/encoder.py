@@ -1,0 +1,210 @@
+"""FastConformer encoder: depthwise-striding subsampling, then Conformer layers with relative positional attention.
+
+Module and parameter names follow NeMo's so a checkpoint's `encoder.*` weights load as they are. Padding never
+leaks into valid frames: the subsampling convolutions see zeros past each clip's current length, attention masks
+padded keys (and zeroes padded queries), and the convolution module zeroes padded frames before its depthwise
+convolution. In fp32 a clip's output in a padded batch therefore equals its output alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import EncoderConfig
+
+_MASKED_SCORE = -10000.0
+
+
+def _time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    return torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class DepthwiseStridingSubsampling(nn.Module):
+    """A strided 3x3 convolution then (depthwise strided 3x3 + pointwise 1x1) pairs, each followed by ReLU.
+
+    `conv` keeps NeMo's sequential layout (activations included) so parameter names match.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        channels = config.subsampling_conv_channels
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+        for _ in range(config.subsampling_layers - 1):
+            layers += [
+                nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1, groups=channels),
+                nn.Conv2d(channels, channels, kernel_size=1),
+                nn.ReLU(),
+            ]
+        self.conv = nn.Sequential(*layers)
+        frequencies = config.feat_in
+        for _ in range(config.subsampling_layers):
+            frequencies = (frequencies - 1) // 2 + 1
+        self.out = nn.Linear(channels * frequencies, config.d_model)
+
+    @staticmethod
+    def strided_length(lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = features.unsqueeze(1)  # [B, 1, T, F]
+        mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
+        x = x * mask
+        for layer in self.conv:
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
+                lengths = self.strided_length(lengths)
+                mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
+            x = x * mask
+        batch, channels, steps, frequencies = x.shape
+        return self.out(x.transpose(1, 2).reshape(batch, steps, channels * frequencies)), lengths
+
+
+class RelativePositionalEncoding(nn.Module):
+    """Sinusoidal embeddings of relative positions T-1 .. -(T-1), as Transformer-XL uses them."""
+
+    def __init__(self, d_model: int, initial_length: int):
+        super().__init__()
+        self.d_model = d_model
+        self.register_buffer("pe", self._table(initial_length), persistent=False)
+
+    def _table(self, length: int) -> torch.Tensor:
+        positions = torch.arange(length - 1, -length, -1, dtype=torch.float32).unsqueeze(1)
+        inverse_frequency = torch.exp(
+            torch.arange(0, self.d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / self.d_model)
+        )
+        table = torch.zeros(positions.shape[0], self.d_model)
+        table[:, 0::2] = torch.sin(positions * inverse_frequency)
+        table[:, 1::2] = torch.cos(positions * inverse_frequency)
+        return table.unsqueeze(0)
+
+    def forward(self, steps: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.pe.shape[1] < 2 * steps - 1:
+            self.pe = self._table(steps).to(self.pe.device)
+        centre = self.pe.shape[1] // 2
+        return self.pe[:, centre - steps + 1 : centre + steps].to(dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, bias: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.silu(self.linear1(x)))
+
+
+class RelPositionSelfAttention(nn.Module):
+    """Multi-head self-attention with Transformer-XL relative positions (content bias u, position bias v)."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool):
+        super().__init__()
+        self.heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.linear_q = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+
+    @staticmethod
+    def _relative_shift(scores: torch.Tensor) -> torch.Tensor:
+        batch, heads, queries, positions = scores.shape
+        shifted = F.pad(scores, (1, 0)).view(batch, heads, positions + 1, queries)
+        return shifted[:, :, 1:].reshape(batch, heads, queries, positions)
+
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        split = (batch, steps, self.heads, self.head_dim)
+        q = self.linear_q(x).view(split)
+        k = self.linear_k(x).view(split).transpose(1, 2)
+        v = self.linear_v(x).view(split).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
+        q_content = (q + self.pos_bias_u).transpose(1, 2)
+        q_position = (q + self.pos_bias_v).transpose(1, 2)
+        position_scores = self._relative_shift(torch.matmul(q_position, p.transpose(-2, -1)))[..., :steps]
+        bias = (position_scores / math.sqrt(self.head_dim)).masked_fill(masked[:, None], _MASKED_SCORE)
+        out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias)
+        fully_masked_queries = masked.all(dim=-1)[:, None, :, None]
+        out = out.masked_fill(fully_masked_queries, 0.0)
+        return self.linear_out(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class ConvolutionModule(nn.Module):
+    def __init__(self, d_model: int, kernel_size: int, bias: bool):
+        super().__init__()
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, kernel_size=1, bias=bias)
+        self.depthwise_conv = nn.Conv1d(
+            d_model, d_model, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, groups=d_model, bias=bias
+        )
+        self.batch_norm = nn.BatchNorm1d(d_model)
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
+        x = x.masked_fill(padded[:, None, :], 0.0)
+        x = F.silu(self.batch_norm(self.depthwise_conv(x)))
+        return self.pointwise_conv2(x).transpose(1, 2)
+
+
+class ConformerLayer(nn.Module):
+    """Macaron feed-forward halves around self-attention and convolution, each pre-normed and residual."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        d_model, bias = config.d_model, config.use_bias
+        d_ff = d_model * config.ff_expansion_factor
+        self.norm_feed_forward1 = nn.LayerNorm(d_model)
+        self.feed_forward1 = FeedForward(d_model, d_ff, bias)
+        self.norm_self_att = nn.LayerNorm(d_model)
+        self.self_attn = RelPositionSelfAttention(d_model, config.n_heads, bias)
+        self.norm_conv = nn.LayerNorm(d_model)
+        self.conv = ConvolutionModule(d_model, config.conv_kernel_size, bias)
+        self.norm_feed_forward2 = nn.LayerNorm(d_model)
+        self.feed_forward2 = FeedForward(d_model, d_ff, bias)
+        self.norm_out = nn.LayerNorm(d_model)
+
+    def forward(self, x, pos_emb, attention_masked, padded):
+        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, attention_masked)
+        x = x + self.conv(self.norm_conv(x), padded)
+        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    """Features [B, F, T] with lengths to encoded frames [B, T / subsampling, d_model] with lengths."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.pre_encode = DepthwiseStridingSubsampling(config)
+        self.pos_enc = RelativePositionalEncoding(config.d_model, initial_length=1)
+        self.layers = nn.ModuleList(ConformerLayer(config) for _ in range(config.n_layers))
+        self.xscale = math.sqrt(config.d_model) if config.xscaling else None
+
+    @staticmethod
+    def output_lengths_for(config: EncoderConfig, feature_lengths):
+        """Encoded frames for the given feature frames (tensor or int)."""
+        for _ in range(config.subsampling_layers):
+            feature_lengths = (feature_lengths - 1) // 2 + 1
+        return feature_lengths
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.pre_encode(features.transpose(1, 2), lengths)
+        if self.xscale is not None:
+            x = x * self.xscale
+        steps = x.shape[1]
+        pos_emb = self.pos_enc(steps, x.dtype)
+        valid = _time_mask(lengths, steps)
+        padded = ~valid
+        attention_masked = ~(valid[:, None, :] & valid[:, :, None])
+        for layer in self.layers:
+            x = layer(x, pos_emb, attention_masked, padded)
+        return x, lengths

@@ -1,0 +1,211 @@
+"""`ParakeetTDT`: the three inference stages behind one object, and `from_pretrained` to build it from a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .audio import AudioItem, as_waveform, check_waveform
+from .checkpoint import DEFAULT_CHECKPOINT, NemoCheckpoint, read_nemo, resolve_checkpoint, sub_state_dict
+from .config import ModelConfig
+from .decoder import TDTGreedyDecoder
+from .encoder import ConformerEncoder
+from .errors import CheckpointError, ParakeetError
+from .preprocessor import MelPreprocessor
+from .tokenizer import DEFAULT_SEGMENT_DELIMITERS, Tokenizer
+from .types import Hypothesis, Transcript
+
+logger = logging.getLogger("parakeet_core")
+
+STAGES = ("featurize", "encode", "decode")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on Ampere or newer GPUs, fp16 on older ones, fp32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _load_strict(module: torch.nn.Module, state: dict, prefix: str, ignore: Iterable[str] = ()) -> None:
+    state = {k: v for k, v in state.items() if k not in set(ignore)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights under '{prefix}.' do not match the architecture in its config: "
+            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+
+
+class ParakeetTDT:
+    """Parakeet TDT inference: featurize -> encode -> decode -> transcript, each batched with lengths."""
+
+    def __init__(self, checkpoint: NemoCheckpoint, *, device: torch.device, dtype: torch.dtype,
+                 stages: Sequence[str] = STAGES):
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+        self.config: ModelConfig = checkpoint.config
+        self.checkpoint_path = checkpoint.path
+        self.device = device
+        self.dtype = dtype
+        self.stages = tuple(s for s in STAGES if s in stages)
+        state = checkpoint.state_dict
+        self.preprocessor = self.encoder = self.decoder = None
+        if "featurize" in self.stages:
+            self.preprocessor = MelPreprocessor(self.config.preprocessor)
+            self.preprocessor.load_checkpoint_buffers(sub_state_dict(state, "preprocessor.featurizer"))
+            self.preprocessor.to(device).eval()
+        if "encode" in self.stages:
+            self.encoder = ConformerEncoder(self.config.encoder)
+            _load_strict(self.encoder, sub_state_dict(state, "encoder"), "encoder", ignore=("pos_enc.pe",))
+            self.encoder.to(device=device, dtype=dtype).eval()
+        if "decode" in self.stages:
+            self.decoder = TDTGreedyDecoder(self.config.encoder.d_model, self.config.decoder)
+            prediction = sub_state_dict(state, "decoder")
+            _load_strict(self.decoder.prediction, sub_state_dict(prediction, "prediction"), "decoder.prediction")
+            _load_strict(self.decoder.joint, sub_state_dict(state, "joint"), "joint")
+            self.decoder.to(device=device, dtype=dtype).eval()
+        decoding = checkpoint.raw_config.get("decoding") or {}
+        self.tokenizer = Tokenizer(
+            checkpoint.tokenizer_model,
+            segment_delimiters=decoding.get("segment_seperators") or DEFAULT_SEGMENT_DELIMITERS,
+        )
+        if self.tokenizer.vocab_size != self.config.decoder.vocab_size:
+            raise CheckpointError(
+                f"tokenizer has {self.tokenizer.vocab_size} pieces but decoder.vocab_size is {self.config.decoder.vocab_size}"
+            )
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest clip with at least one feature frame."""
+        return self.config.preprocessor.window_stride
+
+    def _require(self, stage: str, module):
+        if module is None:
+            raise ParakeetError(f"this instance was loaded with stages={self.stages}; '{stage}' is not among them")
+        return module
+
+    @torch.inference_mode()
+    def featurize(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveforms [B, T] float32 at the model's rate -> log-mel features [B, F, T'] fp32 and valid lengths [B]."""
+        preprocessor = self._require("featurize", self.preprocessor)
+        return preprocessor(waveforms.to(self.device), lengths.to(self.device))
+
+    @torch.inference_mode()
+    def encode(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, F, T'] -> encoded frames [B, T'', D] in the model dtype and valid lengths [B]."""
+        encoder = self._require("encode", self.encoder)
+        return encoder(features.to(self.device, self.dtype), feature_lengths.to(self.device, torch.long))
+
+    @torch.inference_mode()
+    def decode(self, encoded: torch.Tensor, encoded_lengths: torch.Tensor) -> list[Hypothesis]:
+        """Greedy TDT decoding of encoded frames [B, T'', D] -> one Hypothesis per clip."""
+        decoder = self._require("decode", self.decoder)
+        return decoder(encoded.to(self.device, self.dtype), encoded_lengths.to(self.device))
+
+    def to_transcript(self, hypothesis: Hypothesis, *, timestamps: bool = False) -> Transcript:
+        """Detokenise a hypothesis; with `timestamps`, add word and segment times in seconds."""
+        transcript = Transcript(
+            text=self.tokenizer.text(hypothesis.token_ids),
+            token_ids=list(hypothesis.token_ids),
+            token_frames=list(hypothesis.token_frames),
+            token_durations=list(hypothesis.token_durations),
+        )
+        if timestamps:
+            step = (self.config.preprocessor.window_stride_seconds, self.config.encoder.subsampling_factor)
+            transcript.words, transcript.segments = self.tokenizer.timestamps(hypothesis, step)
+        return transcript
+
+    def transcribe_waveforms(self, waveforms: Sequence[np.ndarray], *, timestamps: bool = False) -> list[Transcript]:
+        """One padded batch of validated float32 waveforms through all three stages."""
+        lengths = torch.tensor([len(w) for w in waveforms], dtype=torch.long)
+        batch = torch.zeros(len(waveforms), int(lengths.max()), dtype=torch.float32)
+        for row, samples in enumerate(waveforms):
+            batch[row, : len(samples)] = torch.from_numpy(samples)
+        features, feature_lengths = self.featurize(batch, lengths)
+        encoded, encoded_lengths = self.encode(features, feature_lengths)
+        return [self.to_transcript(h, timestamps=timestamps) for h in self.decode(encoded, encoded_lengths)]
+
+    def transcribe(self, audio: AudioItem | list[AudioItem], *, batch_size: int = 16,
+                   timestamps: bool = False) -> Transcript | list[Transcript]:
+        """Transcribe one item (-> Transcript) or a list (-> list, in order).
+
+        An item is a file path, a 1-D float array/tensor at the model's sample rate, or (array, sample_rate).
+        Clips are batched by similar length; batching never changes a clip's result.
+        """
+        single = not isinstance(audio, list)
+        items = [audio] if single else audio
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        waveforms = []
+        for index, item in enumerate(items):
+            samples = as_waveform(item, self.sample_rate)
+            check_waveform(samples, min_samples=self.min_samples, name=str(item) if isinstance(item, (str, os.PathLike)) else f"item {index}")
+            waveforms.append(samples)
+        order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]), reverse=True)
+        results: list[Transcript | None] = [None] * len(waveforms)
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            for index, transcript in zip(chosen, self.transcribe_waveforms([waveforms[i] for i in chosen], timestamps=timestamps)):
+                results[index] = transcript
+        return results[0] if single else results
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), seconds: float = 2.0) -> None:
+        """Run each loaded stage once per batch size (allocator, kernels, CUDA-graph capture) before real traffic."""
+        samples = int(seconds * self.sample_rate)
+        generator = torch.Generator().manual_seed(0)
+        for batch in batch_sizes:
+            waveforms = 0.1 * torch.randn(batch, samples, generator=generator)
+            lengths = torch.full((batch,), samples, dtype=torch.long)
+            features = feature_lengths = encoded = encoded_lengths = None
+            if self.preprocessor is not None:
+                features, feature_lengths = self.featurize(waveforms, lengths)
+            else:
+                feature_lengths = torch.full((batch,), samples // self.config.preprocessor.window_stride, dtype=torch.long)
+                features = torch.randn(batch, self.config.preprocessor.features, int(feature_lengths[0]), generator=generator)
+            if self.encoder is not None:
+                encoded, encoded_lengths = self.encode(features, feature_lengths)
+            if self.decoder is not None:
+                if encoded is None:
+                    steps = int(ConformerEncoder.output_lengths_for(self.config.encoder, int(feature_lengths[0])))
+                    encoded = torch.randn(batch, steps, self.config.encoder.d_model, generator=generator)
+                    encoded_lengths = torch.full((batch,), steps, dtype=torch.long)
+                self.decode(encoded, encoded_lengths)
+
+    def __repr__(self) -> str:
+        return (f"ParakeetTDT({self.checkpoint_path.name}, stages={self.stages}, device={self.device}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')})")
+
+
+def from_pretrained(source: str | os.PathLike = DEFAULT_CHECKPOINT, *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | str | None = None, cache_dir: str | os.PathLike | None = None,
+                    stages: Sequence[str] | None = None) -> ParakeetTDT:
+    """Load a Parakeet TDT checkpoint: a local `.nemo` file or a Hugging Face repo id (fetched into its cache).
+
+    `device=None` picks CUDA when present, else CPU; `dtype=None` picks bf16 on Ampere+ GPUs, fp16 on older
+    GPUs and fp32 on the CPU. `stages` limits which modules are built (all by default).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParakeetError("device 'cuda' was requested but CUDA is not available")
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    dtype = dtype or default_dtype(device)
+    path = resolve_checkpoint(source, cache_dir=cache_dir)
+    model = ParakeetTDT(read_nemo(path), device=device, dtype=dtype, stages=stages or STAGES)
+    logger.info("loaded %s from %s", model, path)
+    return model
