@@ -1,0 +1,160 @@
+"""The public API: transcribe() inputs and outputs, stages, audio handling, validation errors and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import parakeet_core
+from parakeet_core import InvalidAudioError, ParakeetError, Transcript, check_waveform
+from core_fixtures import load_fixture, load_model
+
+NAME = "v3_small"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(NAME)
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return load_fixture(NAME)
+
+
+def test_one_item_in_one_transcript_out(model, fixture):
+    transcript = model.transcribe(str(fixture.clip_path("speech_en")))
+    assert isinstance(transcript, Transcript)
+    expected = fixture.reference["clips"]["speech_en"]
+    assert transcript.text == expected["text"]
+    assert transcript.token_ids == expected["tokens"]
+    assert transcript.words is None and transcript.segments is None
+
+
+def test_list_in_list_out_in_order_whatever_the_batch_size(model, fixture):
+    clips = ["short", "speech_en", "silence", "speech_de", "noise"]
+    items = [fixture.clip_samples(c) for c in clips]
+    expected = [fixture.reference["clips"][c]["text"] for c in clips]
+    for batch_size in (1, 2, 16):
+        assert [t.text for t in model.transcribe(items, batch_size=batch_size)] == expected
+
+
+def test_tensor_and_array_and_path_inputs_agree(model, fixture):
+    samples = fixture.clip_samples("speech_de")
+    results = model.transcribe([samples, torch.from_numpy(samples), str(fixture.clip_path("speech_de"))])
+    assert len({t.text for t in results}) == 1
+
+
+def test_other_sample_rates_are_resampled(model, fixture):
+    samples = fixture.clip_samples("speech_en")
+    import soxr
+
+    at_48k = soxr.resample(samples, 16000, 48000, quality="HQ").astype(np.float32)
+    direct = model.transcribe((at_48k, 48000))
+    assert direct.text == model.transcribe(soxr.resample(at_48k, 48000, 16000, quality="HQ").astype(np.float32)).text
+
+
+def test_timestamps_are_ordered_and_within_the_clip(model, fixture):
+    transcript = model.transcribe(str(fixture.clip_path("speech_en")), timestamps=True)
+    frames = fixture.reference["clips"]["speech_en"]["encoder_length"]
+    latest_end = (frames + max(model.config.decoder.durations)) * model.config.seconds_per_encoder_frame
+    assert transcript.words and transcript.segments
+    for word in transcript.words:
+        assert 0 <= word.start <= word.end <= latest_end + 1e-9  # a TDT token's duration may reach past the last frame
+    starts = [w.start for w in transcript.words]
+    assert starts == sorted(starts)
+    assert json.loads(json.dumps(transcript.timestamps_dict()))["words"][0]["text"] == transcript.words[0].text
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not on PATH")
+def test_formats_soundfile_cannot_read_go_through_ffmpeg(model, fixture, tmp_path):
+    target = tmp_path / "clip.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(fixture.clip_path("speech_en")), str(target)], check=True)
+    transcript = model.transcribe(str(target))
+    assert isinstance(transcript.text, str)
+
+
+def test_corrupt_file_error_names_the_file(model, tmp_path):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage")
+    with pytest.raises(InvalidAudioError, match="broken.wav"):
+        model.transcribe(str(bad))
+
+
+@pytest.mark.parametrize(
+    "samples,message",
+    [
+        (np.zeros(0, dtype=np.float32), "empty"),
+        (np.array([0.1, np.nan] * 800, dtype=np.float32), "NaN"),
+        (np.array([0.1, np.inf] * 800, dtype=np.float32), "NaN or infinity"),
+        (np.zeros(1600, dtype=np.int16), "float32"),
+        (np.zeros((2, 1600), dtype=np.float32), "1-D"),
+        (np.zeros(10, dtype=np.float32), "too short"),
+        (np.zeros(16001, dtype=np.float32), "too long"),
+    ],
+)
+def test_check_waveform_names_the_problem(samples, message):
+    with pytest.raises(InvalidAudioError, match=message):
+        check_waveform(samples, min_samples=160, max_samples=16000)
+
+
+def test_transcribe_rejects_bad_audio_with_its_index(model):
+    good = np.zeros(16000, dtype=np.float32)
+    with pytest.raises(InvalidAudioError, match="item 1: samples contain NaN"):
+        model.transcribe([good, np.full(16000, np.nan, dtype=np.float32)])
+
+
+def test_stage_subset_loads_only_its_modules(fixture):
+    encoder_only = parakeet_core.from_pretrained(fixture.checkpoint, device="cpu", stages=["encode"])
+    assert encoder_only.preprocessor is None and encoder_only.decoder is None
+    with pytest.raises(ParakeetError, match="'featurize' is not among them"):
+        encoder_only.featurize(torch.zeros(1, 1600), torch.tensor([1600]))
+
+
+def test_stages_chain_equals_transcribe(model, fixture):
+    samples = torch.from_numpy(fixture.clip_samples("noise"))
+    features, feature_lengths = model.featurize(samples[None], torch.tensor([len(samples)]))
+    assert features.dtype == torch.float32 and features.shape[1] == model.config.preprocessor.features
+    encoded, encoded_lengths = model.encode(features, feature_lengths)
+    assert encoded.shape[2] == model.config.encoder.d_model
+    transcript = model.to_transcript(model.decode(encoded, encoded_lengths)[0])
+    assert transcript.text == model.transcribe(samples.numpy()).text
+
+
+def test_padding_past_length_does_not_change_the_result(model, fixture):
+    samples = torch.from_numpy(fixture.clip_samples("speech_en"))
+    padded = torch.cat([samples, torch.randn(16000) * 0.5])[None]
+    features, feature_lengths = model.featurize(padded, torch.tensor([len(samples)]))
+    hypothesis = model.decode(*model.encode(features, feature_lengths))[0]
+    assert hypothesis.token_ids == fixture.reference["clips"]["speech_en"]["tokens"]
+
+
+def test_warmup_runs_every_loaded_stage(model):
+    model.warmup(batch_sizes=(1, 2), seconds=0.5)
+
+
+def test_cli_prints_json(fixture, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "parakeet_core", str(fixture.clip_path("speech_en")), "--checkpoint",
+         str(fixture.checkpoint), "--device", "cpu", "--json", "--timestamps"],
+        capture_output=True, text=True, check=True,
+    )
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["text"] == fixture.reference["clips"]["speech_en"]["text"]
+    assert record["words"] and record["segments"]
+
+
+def test_cli_reports_unknown_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "parakeet_core", "x.wav", "--checkpoint", str(tmp_path / "none.nemo")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert "checkpoint not found" in result.stderr
