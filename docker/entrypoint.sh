@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Container entrypoint of the parakeet-triton images (Dockerfile.triton, Dockerfile.jetson).
+#
+# 1. Resolves the checkpoint once, before Triton starts: a Hugging Face id (PARAKEET_CHECKPOINT, default the
+#    launcher's) is fetched into HF_HOME / HF_HUB_CACHE with parakeet_core's own resolver (honouring
+#    HF_HUB_OFFLINE), and the models are then pointed at the local .nemo file, so the three model processes
+#    neither download nor ask the Hub anything. PARAKEET_PREFETCH=0 leaves resolving to the models.
+# 2. Renders the model repository with `parakeet-serve --render-only` (every PARAKEET_* variable of the
+#    launcher applies: PARAKEET_DEVICE, PARAKEET_INSTANCE_KIND, PARAKEET_INSTANCES, PARAKEET_MAX_BATCH_SIZE,
+#    PARAKEET_MAX_QUEUE_DELAY_US, PARAKEET_MAX_AUDIO_SECONDS, ...).
+# 3. Replaces itself with tritonserver (exec), so tritonserver is the process the container runtime sends
+#    SIGTERM to; it finishes in-flight requests for up to PARAKEET_EXIT_TIMEOUT_SECS, then exits.
+#
+# Arguments starting with "-" are appended to tritonserver's command line (after TRITON_ARGS); any other
+# first argument is run as a command instead (`docker run IMAGE bash`).
+set -euo pipefail
+
+if [[ $# -gt 0 && "$1" != -* ]]; then
+    exec "$@"
+fi
+
+say() { echo "parakeet-entrypoint: $*" >&2; }
+
+# Weights baked in at build time (BAKE_CHECKPOINT): use them, offline, unless the environment says otherwise.
+baked=/opt/parakeet/baked-checkpoint
+if [[ -s "$baked" ]]; then
+    : "${PARAKEET_CHECKPOINT:=$(cat "$baked")}"
+    : "${HF_HUB_CACHE:=/opt/parakeet/hf-cache}"
+    : "${HF_HUB_OFFLINE:=1}"
+    export PARAKEET_CHECKPOINT HF_HUB_CACHE HF_HUB_OFFLINE
+fi
+
+if [[ "${PARAKEET_PREFETCH:-1}" != 0 ]]; then
+    say "resolving checkpoint ${PARAKEET_CHECKPOINT:-<launcher default>}"
+    PARAKEET_CHECKPOINT="$(python3 - <<'PY'
+import os
+import sys
+
+from parakeet_core.checkpoint import DEFAULT_CHECKPOINT, resolve_checkpoint
+
+source = os.environ.get("PARAKEET_CHECKPOINT") or DEFAULT_CHECKPOINT
+try:
+    print(resolve_checkpoint(source))
+except Exception as error:  # CheckpointError, or anything the Hub client raises
+    sys.exit(f"parakeet-entrypoint: cannot resolve checkpoint {source!r}: {error}")
+PY
+)"
+    export PARAKEET_CHECKPOINT
+    say "checkpoint file $PARAKEET_CHECKPOINT"
+fi
+
+repository="${PARAKEET_REPOSITORY_DIR:-${TMPDIR:-/tmp}/parakeet-model-repository}"
+rm -rf "$repository"
+parakeet-serve --render-only "$repository"
+
+# The flags parakeet_triton.server.tritonserver_command gives the test suite's server, less the ones that only
+# matter there (loopback addresses, a per-process shared-memory prefix: a container has its own /dev/shm).
+args=(
+    --model-repository="$repository"
+    --model-control-mode=none
+    --disable-auto-complete-config
+    --strict-readiness=true
+    --exit-on-error=true
+    --allow-metrics=true
+    --http-port="${PARAKEET_HTTP_PORT:-8000}"
+    --grpc-port="${PARAKEET_GRPC_PORT:-8001}"
+    --metrics-port="${PARAKEET_METRICS_PORT:-8002}"
+    --exit-timeout-secs="${PARAKEET_EXIT_TIMEOUT_SECS:-60}"
+    --log-verbose="${PARAKEET_LOG_VERBOSE:-0}"
+    # Long-lived gRPC channels pin a client to one pod; closing them now and then (GOAWAY; calls in flight
+    # get the grace period) lets clients reconnect through the Service and reach pods the autoscaler added.
+    --grpc-max-connection-age="${TRITON_GRPC_MAX_CONNECTION_AGE_MS:-600000}"
+    --grpc-max-connection-age-grace="${TRITON_GRPC_MAX_CONNECTION_AGE_GRACE_MS:-120000}"
+)
+# Extra tritonserver flags from the environment (split on blanks), then from the command line.
+read -r -a extra <<<"${TRITON_ARGS:-}"
+args+=("${extra[@]}" "$@")
+
+say "exec tritonserver ${args[*]}"
+exec tritonserver "${args[@]}"
