@@ -1,0 +1,112 @@
+"""What goes over the wire, shared by the blocking and the asyncio clients: tensors in, transcript out."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from parakeet_triton.protocol import ENSEMBLE_MODEL, PREPROCESSOR_MODEL, TIMESTAMPS, TRANSCRIPTS, WAV, WAV_LENS
+
+from .audio import AudioClip
+from .errors import AudioTooLongError, ServerRejectedError, ServerUnavailableError
+from .retry import RetryPolicy, retry_reason
+from .transcript import Transcript
+
+PROTOCOLS = ("grpc", "http")
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+MAX_AUDIO_PARAMETER = "max_audio_seconds"
+"""Model-config parameter in which the server states the longest clip it accepts, in seconds."""
+MODELS_STATING_THE_LIMIT = (ENSEMBLE_MODEL, PREPROCESSOR_MODEL)
+
+
+def triton_module(protocol: str, asynchronous: bool = False) -> Any:
+    """`tritonclient.grpc`, `tritonclient.http` or their `.aio` variants."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return importlib.import_module(f"tritonclient.{protocol}" + (".aio" if asynchronous else ""))
+
+
+def normalise_url(url: str) -> str:
+    """tritonclient wants `host:port`; accept and strip `http://`, `https://` and `grpc://` too."""
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    url = url.rstrip("/")
+    if not url:
+        raise ValueError("url must be host:port")
+    return url
+
+
+def build_request(module: Any, clip: AudioClip, timestamps: bool) -> tuple[list[Any], list[Any]]:
+    """The inputs (WAV [1, T] FP32, WAV_LENS [1, 1] INT32) and requested outputs for one clip."""
+    wav = clip.samples.reshape(1, -1)
+    wav_lens = np.array([[clip.samples.size]], dtype=np.int32)
+    inputs = [module.InferInput(WAV, list(wav.shape), "FP32"), module.InferInput(WAV_LENS, [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(wav)
+    inputs[1].set_data_from_numpy(wav_lens)
+    names = [TRANSCRIPTS, TIMESTAMPS] if timestamps else [TRANSCRIPTS]
+    outputs = [module.InferRequestedOutput(name) for name in names]
+    return inputs, outputs
+
+
+def parse_response(result: Any, clip: AudioClip, timestamps: bool) -> Transcript:
+    """The transcript of a one-clip response."""
+    text = _first_element(result.as_numpy(TRANSCRIPTS), TRANSCRIPTS)
+    timing = _first_element(result.as_numpy(TIMESTAMPS), TIMESTAMPS) if timestamps else None
+    return Transcript.from_server(text, timing, audio_seconds=clip.seconds)
+
+
+def _first_element(array: np.ndarray | None, name: str) -> Any:
+    if array is None or array.size < 1:
+        raise ValueError(f"the response has no {name}")
+    return array.reshape(-1)[0]
+
+
+def max_audio_seconds_from_configs(configs: Iterable[Mapping[str, Any]]) -> float | None:
+    """The first `max_audio_seconds` parameter found in model configs (JSON form), or None."""
+    for config in configs:
+        config = config.get("config", config)  # gRPC's JSON wraps the config, HTTP's does not
+        parameter = (config.get("parameters") or {}).get(MAX_AUDIO_PARAMETER)
+        if parameter is None:
+            continue
+        value = parameter.get("string_value", parameter) if isinstance(parameter, Mapping) else parameter
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            continue
+        if seconds > 0:
+            return seconds
+    return None
+
+
+def check_length(clip: AudioClip, max_audio_seconds: float | None) -> None:
+    """Refuse, before sending, a clip longer than the server accepts."""
+    if max_audio_seconds is not None and clip.seconds > max_audio_seconds:
+        raise AudioTooLongError(clip.seconds, max_audio_seconds, clip.name)
+
+
+def backoff_or_raise(error: Exception, attempt: int, policy: RetryPolicy, name: str, url: str) -> float:
+    """After failed try number `attempt` (from 0): the seconds to wait before trying again, or raise.
+
+    A rejection by the server becomes ServerRejectedError, an exhausted retry budget ServerUnavailableError;
+    anything else (a bug, a malformed response) is raised as it is.
+    """
+    reason = retry_reason(error)
+    if reason is None:
+        if isinstance(error, InferenceServerException):
+            status = error.status()
+            raise ServerRejectedError(error_message(error), str(status) if status else None, name) from error
+        raise error
+    if attempt + 1 >= policy.attempts:
+        raise ServerUnavailableError(f"{name}: {reason} at {url}: {error_message(error)}", policy.attempts) \
+            from error
+    return policy.backoff(attempt)
+
+
+def error_message(error: BaseException) -> str:
+    if isinstance(error, InferenceServerException):
+        return str(error.message())
+    return str(error) or type(error).__name__

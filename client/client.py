@@ -1,0 +1,258 @@
+"""The blocking client: `ParakeetClient(url).transcribe(item_or_list)`."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from tritonclient.utils import InferenceServerException
+
+from parakeet_triton.protocol import ENSEMBLE_MODEL
+
+from . import _wire
+from .audio import AudioClip, AudioInput, load_clip
+from .retry import RetryPolicy, retry_reason
+from .transcript import Transcript
+
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one item of a batch: its transcript, or the error that stopped it."""
+
+    index: int
+    name: str
+    transcript: Transcript | None = None
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        if (self.transcript is None) == (self.error is None):
+            raise ValueError("an Outcome holds exactly one of transcript and error")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class ParakeetClient:
+    """Send audio to the `parakeet` ensemble over gRPC (default) or HTTP and read back transcripts.
+
+    `timeout` bounds each request in seconds. Requests that fail because the server is unavailable or too slow
+    are retried according to `retry`; requests the server rejects are not. Clips longer than the server's
+    configured maximum (`max_audio_seconds` in its model config) are refused before sending. Safe to share
+    between threads.
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = DEFAULT_TIMEOUT_S, *,
+                 retry: RetryPolicy = RetryPolicy(), model: str = ENSEMBLE_MODEL):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.protocol = protocol
+        self._module = _wire.triton_module(protocol)
+        self.url = _wire.normalise_url(url or _wire.DEFAULT_URLS[protocol])
+        self.timeout = float(timeout)
+        self.retry = retry
+        self.model = model
+        self._lock = threading.Lock()
+        self._limit_lock = threading.Lock()
+        self._shared: Any = None
+        self._per_thread = threading.local()
+        self._thread_connections: list[tuple[threading.Thread, Any]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._max_audio_seconds: float | None = None
+        self._limit_known = False
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def transcribe(self, audio: AudioInput | Sequence[AudioInput], *, timestamps: bool = False,
+                   concurrency: int = DEFAULT_CONCURRENCY) -> Transcript | list[Transcript]:
+        """Transcribe one item, or a list of items with up to `concurrency` requests in flight.
+
+        An item is a path, a float array at 16 kHz, or `(array, sample_rate)`. For a list the result keeps its
+        order; the first failure is raised (use `transcribe_many` to get every item's outcome).
+        """
+        if is_single_item(audio):
+            return self._transcribe_item(audio, "audio", timestamps)
+        items = list(audio)
+        transcripts: list[Transcript | None] = [None] * len(items)
+        outcomes = self.transcribe_many(items, timestamps=timestamps, concurrency=concurrency)
+        try:
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    raise outcome.error
+                transcripts[outcome.index] = outcome.transcript
+        finally:
+            outcomes.close()
+        return transcripts  # type: ignore[return-value]
+
+    def transcribe_many(self, items: Iterable[AudioInput], *, timestamps: bool = False,
+                        concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[Outcome]:
+        """Yield one Outcome per item, in completion order, never raising for a single item's failure.
+
+        At most `concurrency` items are decoded or in flight at a time. Closing the iterator early cancels the
+        items not started yet.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        pending_items = iter(enumerate(items))
+        running: dict[Future, tuple[int, str]] = {}
+
+        def submit_next() -> bool:
+            try:
+                index, item = next(pending_items)
+            except StopIteration:
+                return False
+            name = item_name(item, index)
+            running[self._submit(concurrency, self._transcribe_item, item, name, timestamps)] = (index, name)
+            return True
+
+        try:
+            while len(running) < concurrency and submit_next():
+                pass
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, name = running.pop(future)
+                    error = future.exception()
+                    yield (Outcome(index, name, error=error) if error is not None
+                           else Outcome(index, name, transcript=future.result()))
+                    submit_next()
+        finally:
+            for future in running:
+                future.cancel()
+
+    @property
+    def max_audio_seconds(self) -> float | None:
+        """The longest clip the server accepts (from its model config), or None when it states no limit."""
+        if not self._limit_known:
+            with self._limit_lock:
+                if not self._limit_known:
+                    self._max_audio_seconds, self._limit_known = self._fetch_limit()
+        return self._max_audio_seconds
+
+    def is_ready(self) -> bool:
+        """Whether the server answers and the ensemble is loaded (no retries)."""
+        try:
+            with self._connection() as connection:
+                return bool(connection.is_model_ready(self.model, **self._timeout_kwargs()))
+        except Exception:  # any transport failure means "not ready"
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool, self._pool_size = self._pool, None, 0
+            connections = [connection for _, connection in self._thread_connections]
+            connections += [self._shared] if self._shared is not None else []
+            self._shared, self._thread_connections, self._per_thread = None, [], threading.local()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for connection in connections:
+            _close_quietly(connection)
+
+    def __enter__(self) -> "ParakeetClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _transcribe_item(self, item: AudioInput, name: str, timestamps: bool) -> Transcript:
+        clip = load_clip(item, name=name)
+        _wire.check_length(clip, self.max_audio_seconds)
+        return self._infer(clip, timestamps)
+
+    def _infer(self, clip: AudioClip, timestamps: bool) -> Transcript:
+        inputs, outputs = _wire.build_request(self._module, clip, timestamps)
+        for attempt in range(self.retry.attempts):
+            try:
+                with self._connection() as connection:
+                    result = connection.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
+                return _wire.parse_response(result, clip, timestamps)
+            except Exception as error:
+                time.sleep(_wire.backoff_or_raise(error, attempt, self.retry, clip.name, self.url))
+        raise AssertionError("unreachable")
+
+    def _fetch_limit(self) -> tuple[float | None, bool]:
+        """(limit, known): known is False when the server could not be asked, so that we ask again later."""
+        configs = []
+        for model in _wire.MODELS_STATING_THE_LIMIT:
+            try:
+                with self._connection() as connection:
+                    configs.append(connection.get_model_config(model, **self._json_kwargs()))
+            except Exception as error:
+                if retry_reason(error) is not None:
+                    return None, False  # ask again with the next request
+                if not isinstance(error, InferenceServerException):
+                    raise  # a bug, not an answer from the server
+        return _wire.max_audio_seconds_from_configs(configs), True
+
+    def _timeout_kwargs(self) -> dict[str, float]:
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+
+    def _json_kwargs(self) -> dict[str, Any]:
+        """gRPC answers protobuf unless asked for JSON; HTTP always answers JSON."""
+        return {"as_json": True, **self._timeout_kwargs()} if self.protocol == "grpc" else {}
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """The tritonclient to use from this thread: one gRPC client shared by all threads, or this thread's own
+        HTTP client (tritonclient's HTTP clients are bound to the thread that made them)."""
+        connection = self._shared if self.protocol == "grpc" else getattr(self._per_thread, "connection", None)
+        if connection is None:
+            with self._lock:
+                if self.protocol == "grpc":
+                    if self._shared is None:
+                        self._shared = self._module.InferenceServerClient(self.url)
+                    connection = self._shared
+                else:
+                    connection = self._module.InferenceServerClient(
+                        self.url, connection_timeout=self.timeout, network_timeout=self.timeout)
+                    self._per_thread.connection = connection
+                    self._close_connections_of_finished_threads()
+                    self._thread_connections.append((threading.current_thread(), connection))
+        yield connection
+
+    def _close_connections_of_finished_threads(self) -> None:
+        finished = [entry for entry in self._thread_connections if not entry[0].is_alive()]
+        for entry in finished:
+            self._thread_connections.remove(entry)
+            _close_quietly(entry[1])
+
+    def _submit(self, concurrency: int, function: Any, *args: Any) -> Future:
+        """Run on the client's worker pool, kept for the client's life so that per-thread HTTP clients are reused;
+        the pool is replaced by a larger one when a call asks for more concurrency than it has."""
+        with self._lock:
+            if self._pool is None or self._pool_size < concurrency:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="parakeet-client")
+                self._pool_size = concurrency
+            return self._pool.submit(function, *args)
+
+
+def is_single_item(audio: Any) -> bool:
+    """A path, an array or an `(array, rate)` tuple is one item; lists and other iterables are many."""
+    return isinstance(audio, (str, os.PathLike, np.ndarray, tuple))
+
+
+def item_name(item: Any, index: int) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"item {index}"
+
+
+
+def _close_quietly(connection: Any) -> None:
+    try:
+        connection.close()
+    except Exception:  # closing is best effort: the connection may already be broken
+        pass
