@@ -1,0 +1,337 @@
+"""Sweep concurrency with perf_analyzer against the `parakeet` ensemble (gRPC), beside parakeet_core in-process.
+
+    # start a server on free loopback ports, sweep, stop it, then time the same clips in-process
+    python -m benchmarks.loadtest.sweep --serve tests/fixtures/v3_small/v3_small.nemo \
+        --durations 2,5,12 --concurrency 1,2,4 --out-dir benchmarks/results/loadtest-v3-small
+
+    # against a running server (loopback only unless --allow-remote)
+    python -m benchmarks.loadtest.sweep --url 127.0.0.1:8001 --in-process CHECKPOINT --durations 12
+
+Per clip set and concurrency it reports requests/s, RTFx (audio seconds per wall second), p50/p95/p99 latency
+and the mean batch the encoder ran (from Triton's statistics, before and after each level), then the same clips
+through `parakeet_core` single-stream and batched. Writes results.json, table.md and a PNG of throughput
+against p95 latency into --out-dir. Every perf_analyzer run is bounded (fixed request count, or time windows
+with a trial limit, plus a kill timeout), and so is the whole sweep (--time-budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from parakeet_client import ParakeetClient
+from parakeet_triton.protocol import ENCODER_MODEL, ENSEMBLE_MODEL, WAV, WAV_LENS
+
+from . import in_process, perf_analyzer, report
+from .inputs import Clip, generate_speech, load_audio_clips, parse_durations, write_input_data
+
+
+@dataclass(frozen=True)
+class ClipSet:
+    """Requests perf_analyzer cycles through (its input-data file) and the same audio for in-process runs."""
+
+    label: str
+    input_data: Path
+    clips: tuple[Clip, ...]
+
+    @property
+    def mean_seconds(self) -> float:
+        return float(np.mean([clip.seconds for clip in self.clips]))
+
+
+def parse_concurrency(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"concurrency levels must be integers >= 1, e.g. 1,2,4; got {text!r}")
+    return sorted(set(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadtest.sweep",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--url", default="localhost:8001", help="gRPC address of a running server")
+    target.add_argument("--serve", metavar="CHECKPOINT",
+                        help="start `python -m parakeet_triton.serve --checkpoint CHECKPOINT` on free loopback ports")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra parakeet-serve argument (repeatable), e.g. --serve-arg=--max-batch-size=8")
+    parser.add_argument("--serve-timeout", type=float, default=900.0, help="seconds to wait for readiness")
+    clips = parser.add_mutually_exclusive_group()
+    clips.add_argument("--durations", type=parse_durations, default=[2.0, 5.0, 12.0],
+                       help="generated speech (espeak-ng) of these lengths in seconds (default 2,5,12)")
+    clips.add_argument("--audio", nargs="+", help="real recordings, one clip set each")
+    clips.add_argument("--input-data", nargs="+", type=Path, help="ready perf_analyzer input-data JSON files")
+    parser.add_argument("--concurrency", type=parse_concurrency, default=[1, 2, 4], help="levels (default 1,2,4)")
+    parser.add_argument("--requests-per-level", type=int, default=None,
+                        help="requests per concurrency level (default: 6 x concurrency, at least 12)")
+    parser.add_argument("--time-windows-ms", type=int, default=None,
+                        help="instead of a request count, measure in stable time windows of this length")
+    parser.add_argument("--level-timeout", type=float, default=300.0, help="kill a perf_analyzer run after this")
+    parser.add_argument("--time-budget", type=float, default=1800.0,
+                        help="skip the remaining levels once the sweep has run this many seconds")
+    parser.add_argument("--in-process", metavar="CHECKPOINT",
+                        help="checkpoint for the in-process baseline (default: the --serve checkpoint)")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="in-process batched run size (default: the highest concurrency level, at most 8)")
+    parser.add_argument("--in-process-budget", type=float, default=30.0, help="seconds per in-process mode")
+    parser.add_argument("--device", default="cpu", help="in-process device (default cpu)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="results folder (default benchmarks/results/loadtest-<time>)")
+    parser.add_argument("--perf-analyzer", help="perf_analyzer binary (default: PATH, else the tritonclient wheel)")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a --url that is not a loopback address")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    out_dir = args.out_dir or Path("benchmarks/results") / f"loadtest-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.serve is None and not args.allow_remote and not is_loopback(args.url):
+        print(f"error: {args.url} is not a loopback address; pass --allow-remote to load-test it", file=sys.stderr)
+        return 2
+    analyzer = perf_analyzer.locate(out_dir, args.perf_analyzer)
+    clip_sets = prepare_clip_sets(args, out_dir / "inputs")
+    checkpoint = args.in_process or args.serve
+    served: list[report.ServedResult] = []
+    local: list[report.InProcessResult] = []
+    meta = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.loadtest.sweep",
+                                                        *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "perf_analyzer": analyzer.version(),
+        "checkpoint": checkpoint,
+        "concurrency": args.concurrency,
+    }
+    _say(f"{meta['perf_analyzer']} at {analyzer.executable}; results in {out_dir}")
+    server = None
+    exit_code = 0
+    try:
+        if args.serve:
+            server = ServerProcess.start(args.serve, args.serve_arg, out_dir / "server.log",
+                                         max_seconds=max(c.seconds for s in clip_sets for c in s.clips))
+            server.wait_ready(args.serve_timeout)
+            url = server.grpc_url
+        else:
+            url = args.url
+        meta["url"] = url
+        served = sweep(analyzer, url, clip_sets, args, out_dir, deadline=started + args.time_budget)
+    except (perf_analyzer.PerfAnalyzerError, RuntimeError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        exit_code = 1
+    finally:
+        if server is not None:
+            server.stop()
+    if checkpoint and not args.no_in_process and exit_code == 0:
+        batch_size = args.batch_size or min(8, max(args.concurrency))
+        local = measure_in_process(checkpoint, args.device, clip_sets, batch_size, args.in_process_budget)
+        meta["torch_threads"] = _torch_threads()
+    report.write_results(out_dir / "results.json", served, local, meta)
+    table = report.markdown_tables(served, local)
+    (out_dir / "table.md").write_text(f"Command: `{meta['command']}`\n\n{table}")
+    written = [out_dir / "results.json", out_dir / "table.md"]
+    if served or local:
+        try:
+            written.append(report.plot(out_dir / "throughput_vs_p95.png", served, local))
+        except ImportError:
+            _say("matplotlib is not installed (pip install matplotlib): no plot")
+    print(table)
+    _say(f"wrote {', '.join(map(str, written))} in {time.monotonic() - started:.0f} s")
+    return exit_code
+
+
+def prepare_clip_sets(args: argparse.Namespace, inputs_dir: Path) -> list[ClipSet]:
+    if args.input_data:
+        return [ClipSet(path.stem, path, tuple(read_input_clips(path))) for path in args.input_data]
+    clips = load_audio_clips(args.audio) if args.audio else [generate_speech(d) for d in args.durations]
+    return [ClipSet(clip.label, write_input_data([clip], inputs_dir / f"{clip.label}.json"), (clip,))
+            for clip in clips]
+
+
+def read_input_clips(path: Path) -> list[Clip]:
+    """The clips of an input-data JSON file (`b64` or `content` WAV data, cut to WAV_LENS)."""
+    document = json.loads(path.read_text())
+    clips = []
+    for number, entry in enumerate(document["data"]):
+        wav = entry[WAV]
+        if "b64" in wav:
+            samples = np.frombuffer(base64.b64decode(wav["b64"]), dtype="<f4").astype(np.float32)
+        else:
+            samples = np.asarray(wav["content"], dtype=np.float32).reshape(-1)
+        lens = entry.get(WAV_LENS, {}).get("content")
+        clips.append(Clip(f"{path.stem}[{number}]", samples[: int(lens[0])] if lens else samples))
+    return clips
+
+
+def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_sets: Sequence[ClipSet], args: argparse.Namespace,
+          out_dir: Path, deadline: float) -> list[report.ServedResult]:
+    """perf_analyzer at each concurrency for each clip set; the encoder's mean batch from statistics deltas."""
+    import tritonclient.grpc as grpcclient
+
+    results = []
+    statistics_client = grpcclient.InferenceServerClient(url)
+    with ParakeetClient(url, timeout=args.level_timeout) as client:
+        for clip_set in clip_sets:  # one untimed request per clip first: first-call costs stay out of the figures
+            client.transcribe(clip_set.clips[0].samples)
+    for clip_set in clip_sets:
+        for concurrency in args.concurrency:
+            if time.monotonic() > deadline:
+                _say(f"time budget spent: skipping {clip_set.label} at concurrency {concurrency} and after")
+                return results
+            requests = args.requests_per_level or max(12, 6 * concurrency)
+            settings = perf_analyzer.LoadSettings(
+                concurrency=concurrency,
+                request_count=None if args.time_windows_ms else max(requests, concurrency),
+                measurement_interval_ms=args.time_windows_ms or 5000)
+            stem = out_dir / f"perf_{clip_set.label}_c{concurrency}"
+            arguments = perf_analyzer.command_arguments(ENSEMBLE_MODEL, url, "grpc", clip_set.input_data,
+                                                        stem.with_suffix(".csv"), settings)
+            before = encoder_counts(statistics_client)
+            completed = analyzer.run(arguments, timeout_s=args.level_timeout)
+            after = encoder_counts(statistics_client)
+            stem.with_suffix(".log").write_text(f"$ perf_analyzer {' '.join(arguments)}\n"
+                                                f"{completed.stdout}\n{completed.stderr}")
+            if completed.returncode != 0:
+                tail = (completed.stdout + completed.stderr).strip()[-1500:]
+                raise perf_analyzer.PerfAnalyzerError(f"perf_analyzer exited {completed.returncode} for "
+                                                      f"{clip_set.label} at concurrency {concurrency}:\n{tail}")
+            row = perf_analyzer.parse_csv_report(stem.with_suffix(".csv").read_text())[0]
+            result = report.ServedResult(
+                clips=clip_set.label, clip_seconds=clip_set.mean_seconds, concurrency=concurrency,
+                requests_per_second=row.requests_per_second, p50_ms=row.p50_ms, p95_ms=row.p95_ms,
+                p99_ms=row.p99_ms, mean_encoder_batch=mean_batch(before, after))
+            results.append(result)
+            _say(f"{clip_set.label} c{concurrency}: {result.requests_per_second:.2f} req/s, RTFx {result.rtfx:.1f}, "
+                 f"p95 {result.p95_ms:.0f} ms, encoder batch {result.mean_encoder_batch}")
+    statistics_client.close()
+    return results
+
+
+def encoder_counts(statistics_client: object) -> tuple[int, int] | None:
+    """(inferences, executions) of the encoder so far, or None when statistics are unavailable."""
+    try:
+        stats = statistics_client.get_inference_statistics(ENCODER_MODEL, as_json=True)
+        model = stats["model_stats"][0]
+        return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+    except Exception as error:  # statistics are a nice-to-have: report n/a rather than fail the sweep
+        _say(f"warning: no statistics for {ENCODER_MODEL}: {error}")
+        return None
+
+
+def mean_batch(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Clips per encoder execution between two statistics snapshots."""
+    if before is None or after is None:
+        return None
+    executions = after[1] - before[1]
+    return None if executions <= 0 else (after[0] - before[0]) / executions
+
+
+def measure_in_process(checkpoint: str, device: str, clip_sets: Sequence[ClipSet], batch_size: int,
+                       budget_s: float) -> list[report.InProcessResult]:
+    import parakeet_core
+
+    _say(f"in-process: loading {checkpoint} on {device}")
+    model = parakeet_core.from_pretrained(checkpoint, device=device)
+    results = []
+    for clip_set in clip_sets:
+        for size in sorted({1, batch_size}):
+            result = in_process.measure(model, clip_set.label, clip_set.clips, size, budget_s=budget_s)
+            results.append(result)
+            _say(f"{clip_set.label} {result.label}: RTFx {result.rtfx:.1f}, p50 {result.p50_ms:.0f} ms "
+                 f"({result.calls} calls)")
+    return results
+
+
+def is_loopback(url: str) -> bool:
+    """Whether host:port names this machine (127.0.0.0/8, ::1, or a name resolving only to those)."""
+    host = url.split("://")[-1].rsplit(":", 1)[0].strip("[]") if ":" in url else url
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class ServerProcess:
+    """A `parakeet_triton.serve` child on free loopback ports, its output in a log file."""
+
+    def __init__(self, process: subprocess.Popen, grpc_url: str, log_path: Path):
+        self.process = process
+        self.grpc_url = grpc_url
+        self.log_path = log_path
+
+    @classmethod
+    def start(cls, checkpoint: str, extra_args: Sequence[str], log_path: Path, max_seconds: float) -> "ServerProcess":
+        http_port, grpc_port, metrics_port = free_ports(3)
+        command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
+                   "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                   "--max-audio-seconds", f"{max(60.0, max_seconds + 1):g}", *extra_args]
+        _say(f"starting server: {' '.join(shlex.quote(c) for c in command)} (log {log_path})")
+        log = open(log_path, "w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return cls(process, f"127.0.0.1:{grpc_port}", log_path)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with ParakeetClient(self.grpc_url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the server exited with code {self.process.returncode}; see {self.log_path}")
+                if client.is_ready():
+                    _say(f"server ready at {self.grpc_url}")
+                    return
+                time.sleep(1.0)
+        raise TimeoutError(f"the server was not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _say(message: str) -> None:
+    print(f"[loadtest] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
