@@ -134,6 +134,7 @@ class TDTGreedyDecoder(nn.Module):
         self.joint = JointNetwork(encoder_dim, config)
         self.register_buffer("duration_values", torch.tensor(config.durations, dtype=torch.long), persistent=False)
         self.steps_per_replay = steps_per_replay
+        self.use_cuda_graph = True
         self._graphs: dict[int, _GraphedLoop] = {}
         self._lock = threading.Lock()
 
@@ -214,7 +215,7 @@ class TDTGreedyDecoder(nn.Module):
             return []
         lengths = lengths.to(device=encoder_output.device, dtype=torch.long)
         encoder_output = encoder_output.to(self.joint.enc.weight.dtype)
-        if encoder_output.device.type == "cuda":
+        if encoder_output.device.type == "cuda" and self.use_cuda_graph:
             return self._decode_graphed(encoder_output, lengths)
         state = LoopState.allocate(
             batch, steps, self.config.joint_hidden, self.config.pred_rnn_layers, self.config.pred_hidden,
