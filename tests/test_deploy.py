@@ -29,7 +29,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 
@@ -274,6 +273,7 @@ def test_renderer_refuses_list_merges_on_custom_resources(tmp_path):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_manifests_validate_against_kubernetes_schemas(name, version):
+    import jsonschema
     import kubernetes_validate
 
     version = kubernetes_validate.latest_version() if version == "latest" else version
@@ -287,6 +287,7 @@ def test_manifests_validate_against_kubernetes_schemas(name, version):
 
 def test_schema_validation_is_not_a_no_op():
     """Controls: a misspelt field and a wrong type fail, in the core schemas and in the ServiceMonitor one."""
+    import jsonschema
     import kubernetes_validate
 
     resources = render("overlays/gpu")
@@ -447,6 +448,52 @@ def test_prometheus_adapter_rule_derives_queue_time_per_request():
     assert query.count("(") == query.count(")")
 
 
+def test_prometheus_adapter_query_evaluates_in_prometheus(tmp_path):
+    """The adapter's query, with its template filled in as prometheus-adapter does for one namespace and two
+    pods, evaluated by Prometheus' own rule-test engine on synthetic Triton counters (promtool, from Debian's
+    prometheus package; skipped where it is not installed)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    from parakeet_triton import protocol
+
+    query = _adapter_rule()["metricsQuery"]
+    query = query.replace("<<.LabelMatchers>>", 'namespace="asr",pod=~"busy|idle"').replace("<<.GroupBy>>", "pod")
+
+    def series(pod: str, metric: str, model: str, per_15s: int) -> dict:
+        labels = f'namespace="asr",pod="{pod}",model="{model}",version="1"'
+        return {"series": f"{metric}{{{labels}}}", "values": f"0+{per_15s}x12"}
+
+    ensemble = protocol.ENSEMBLE_MODEL
+    queue, success = "nv_inference_queue_duration_us", "nv_inference_request_success"
+    tests = {
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": [
+                # busy: every 15 s, 3 requests through the ensemble, queued 0.3 s in the encoder and 0.15 s in
+                # the decoder altogether: 150 ms = 150000 us per request.
+                series("busy", queue, protocol.ENCODER_MODEL, 300000),
+                series("busy", queue, protocol.DECODER_MODEL, 150000),
+                series("busy", queue, ensemble, 999999),  # the ensemble's own counter is left out
+                series("busy", success, ensemble, 3),
+                series("busy", success, protocol.ENCODER_MODEL, 30),  # composing models' counts too
+                # idle: no requests at all: 0, not 0/0.
+                series("idle", queue, protocol.ENCODER_MODEL, 0),
+                series("idle", success, ensemble, 0),
+            ],
+            "promql_expr_test": [{
+                "expr": query,
+                "eval_time": "3m",
+                "exp_samples": [{"labels": '{pod="busy"}', "value": 150000}, {"labels": '{pod="idle"}', "value": 0}],
+            }],
+        }],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", "test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # -------------------------------------------------------------------------------------- images and scripts
 
 
@@ -490,7 +537,9 @@ def test_dockerfile_contract(dockerfile):
     assert 'bake-checkpoint.sh "${BAKE_CHECKPOINT}"' in text
     assert re.search(r"^EXPOSE 8000 8001 8002$", text, flags=re.M)
     assert re.search(r"^HEALTHCHECK .*\n?.*/v2/health/ready", text, flags=re.M)
-    assert '"/opt/parakeet/src/docker/entrypoint.sh"]' in text.splitlines()[-1] or "docker/entrypoint.sh" in text
+    entrypoint = re.findall(r"^ENTRYPOINT (\[.*\])$", text, flags=re.M)
+    assert [json.loads(e) for e in entrypoint] == [["/opt/nvidia/nvidia_entrypoint.sh", "/opt/parakeet/src/docker/entrypoint.sh"]]
+    assert "COPY . /opt/parakeet/src" in text and "install-parakeet.sh /opt/parakeet/src" in text
     assert env["HF_HOME"] == "/cache/huggingface"
     assert env["PARAKEET_HOST"] == "0.0.0.0"
     assert int(env["PARAKEET_EXIT_TIMEOUT_SECS"]) >= 30
@@ -567,7 +616,10 @@ class EntrypointServer:
         from parakeet_triton.server import find_tritonserver, stub_environment
 
         self.work = work
-        binary = find_tritonserver(work / "triton-runtime")
+        try:
+            binary = find_tritonserver(work / "triton-runtime")
+        except FileNotFoundError as error:
+            pytest.skip(f"no tritonserver: {error}")
         bin_dir = work / "bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
         wrapper = [f"exec {binary.executable}"]
@@ -717,6 +769,18 @@ def test_entrypoint_execs_tritonserver(jetson_server):
     assert "--exit-timeout-secs=20" in log and "--disable-auto-complete-config" in log
 
 
+def test_ready_only_after_every_model_warmed_up(jetson_server):
+    """Readiness (what the probes read) comes after each model's warm-up in initialize: Triton starts its HTTP
+    endpoint only once every model has loaded, and the models warm up while loading."""
+    from parakeet_triton.render import COMPOSING_MODELS
+
+    lines = jetson_server.log_path.read_text(errors="replace").splitlines()
+    http_started = next(i for i, line in enumerate(lines) if "Started HTTPService" in line)
+    for model in COMPOSING_MODELS:
+        warmed = [i for i, line in enumerate(lines) if f"{model}_0_0: loaded stage" in line and "warm-up" in line]
+        assert warmed and warmed[0] < http_started, model
+
+
 def test_entrypoint_flags_match_the_test_suites_server():
     """The flags the images give tritonserver are those parakeet-serve gives it in the tests (same configs,
     same strictness), apart from the per-process ones."""
@@ -731,32 +795,51 @@ def test_entrypoint_flags_match_the_test_suites_server():
         assert re.search(rf"^\s+{re.escape(flag)}\b", script, flags=re.M), flag
 
 
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
 def test_jetson_configs_load_and_transcribe_in_triton(jetson_server):
-    import numpy as np
-    import soundfile
-    import tritonclient.grpc as grpcclient
+    """(KServe v2 HTTP/JSON with the standard library, so this also runs where tritonclient is not installed.)"""
+    import wave
 
     from parakeet_triton import protocol
-    from parakeet_triton.render import ALL_MODELS
+    from parakeet_triton.render import ALL_MODELS, COMPOSING_MODELS
 
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{jetson_server.grpc}")
+    base = f"http://127.0.0.1:{jetson_server.http}/v2/models"
     for model in ALL_MODELS:
-        assert client.is_model_ready(model), model
-    for model in (protocol.PREPROCESSOR_MODEL, protocol.ENCODER_MODEL, protocol.DECODER_MODEL):
-        groups = client.get_model_config(model, as_json=True)["config"]["instance_group"]
+        assert _http_status(f"{base}/{model}/ready") == 200, model
+    for model in COMPOSING_MODELS:
+        groups = _get_json(f"{base}/{model}/config")["instance_group"]
         assert {g["kind"] for g in groups} == {"KIND_CPU"}, model
 
-    audio, rate = soundfile.read(ROOT / "tests" / "fixtures" / "audio" / "speech_en.wav", dtype="float32")
-    assert rate == protocol.SAMPLE_RATE
-    wav = grpcclient.InferInput(protocol.WAV, [1, len(audio)], "FP32")
-    wav.set_data_from_numpy(audio[None, :])
-    lens = grpcclient.InferInput(protocol.WAV_LENS, [1, 1], "INT32")
-    lens.set_data_from_numpy(np.array([[len(audio)]], dtype=np.int32))
-    result = client.infer(protocol.ENSEMBLE_MODEL, [wav, lens])
-    text = result.as_numpy(protocol.TRANSCRIPTS).reshape(-1)[0]
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    reference = json.loads((V3_SMALL.parent / "reference.json").read_text())["transcribe"]["speech_en"]["text"]
-    assert text == reference
+    with wave.open(str(ROOT / "tests" / "fixtures" / "audio" / "speech_en.wav")) as clip:
+        assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (protocol.SAMPLE_RATE, 1, 2)
+        pcm = clip.readframes(clip.getnframes())
+    samples = [v / 32768.0 for v in memoryview(pcm).cast("h")]
+    request = {
+        "inputs": [
+            {"name": protocol.WAV, "shape": [1, len(samples)], "datatype": "FP32", "data": samples},
+            {"name": protocol.WAV_LENS, "shape": [1, 1], "datatype": "INT32", "data": [len(samples)]},
+        ],
+        "outputs": [{"name": protocol.TRANSCRIPTS}],
+    }
+    post = urllib.request.Request(f"{base}/{protocol.ENSEMBLE_MODEL}/infer", data=json.dumps(request).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=120) as response:
+        outputs = {o["name"]: o for o in json.loads(response.read())["outputs"]}
+    (text,) = outputs[protocol.TRANSCRIPTS]["data"]
+    if jetson_server.env["PARAKEET_DEVICE"] == "cpu":  # fp32: NeMo's own transcript
+        expected = json.loads((V3_SMALL.parent / "reference.json").read_text())["transcribe"]["speech_en"]["text"]
+    else:  # on a GPU the models run in bf16: the same checkpoint in-process on the same device
+        import numpy as np
+
+        import parakeet_core
+
+        model = parakeet_core.from_pretrained(str(V3_SMALL), device="cuda")
+        expected = model.transcribe_waveforms([np.asarray(samples, dtype=np.float32)])[0].text
+    assert text == expected
 
 
 def test_metrics_carry_what_the_autoscaler_rule_reads(jetson_server):
@@ -776,6 +859,8 @@ def test_sigterm_stops_the_jetson_server_cleanly(jetson_server):
 
 
 SLOW_MODEL = '''
+import os
+import tempfile
 import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -786,6 +871,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             seconds = pb_utils.get_input_tensor_by_name(request, "SECONDS").as_numpy()
+            tempfile.NamedTemporaryFile(dir=os.environ["SLOW_MARKERS"], delete=False).close()  # "started"
             time.sleep(float(seconds[0]))
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("ECHO", seconds.astype(np.float32))]))
         return responses
@@ -815,7 +901,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     (template / "slow" / "config.pbtxt").write_text(SLOW_CONFIG)
     (template / "slow" / "1" / "model.py").write_text(SLOW_MODEL)
     render_stub = f'[ "$1" = --render-only ] || exit 2; mkdir -p "$2" && cp -r {template}/. "$2"/'
-    env = {"PARAKEET_PREFETCH": "0", "PARAKEET_EXIT_TIMEOUT_SECS": "15"}
+    markers = tmp_path / "started"
+    markers.mkdir()
+    env = {"PARAKEET_PREFETCH": "0", "PARAKEET_EXIT_TIMEOUT_SECS": "15", "SLOW_MARKERS": str(markers)}
     server = EntrypointServer(tmp_path / "work", env, parakeet_serve=render_stub).start(timeout=120)
 
     results: dict[str, object] = {}
@@ -836,7 +924,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         threads = [threading.Thread(target=call, args=(kind, 3.0)) for kind in ("grpc", "http")]
         for thread in threads:
             thread.start()
-        time.sleep(1.0)  # both requests are executing now (two instances)
+        deadline = time.monotonic() + 30
+        while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:  # both executing (two instances)
+            time.sleep(0.05)
+        assert len(list(markers.iterdir())) == 2
         server.process.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         time.sleep(0.5)
