@@ -190,10 +190,13 @@ class TDTGreedyDecoder(nn.Module):
         s.emits_on_frame.copy_(torch.where(emit, torch.where(same_frame, s.emits_on_frame + 1, 1), s.emits_on_frame))
         s.last_emit_frame.copy_(torch.where(emit, s.time, s.last_emit_frame))
 
-        output, (hidden, cell) = self.prediction(token, (s.hidden, s.cell))
-        s.prediction_projected.copy_(torch.where(emit[:, None], self.joint.pred(output), s.prediction_projected))
-        s.hidden.copy_(torch.where(emit[None, :, None], hidden, s.hidden))
-        s.cell.copy_(torch.where(emit[None, :, None], cell, s.cell))
+        # On the CPU a host check is free, so blank-only steps skip the prediction network; a CUDA graph
+        # cannot branch, so there every step runs it and keeps the result only where a token was emitted.
+        if s.time.is_cuda or bool(emit.any()):
+            output, (hidden, cell) = self.prediction(token, (s.hidden, s.cell))
+            s.prediction_projected.copy_(torch.where(emit[:, None], self.joint.pred(output), s.prediction_projected))
+            s.hidden.copy_(torch.where(emit[None, :, None], hidden, s.hidden))
+            s.cell.copy_(torch.where(emit[None, :, None], cell, s.cell))
 
         s.time.add_(torch.where(s.active, duration, 0))
         stuck = emit & (s.emits_on_frame >= cfg.max_symbols) & (s.last_emit_frame == s.time)
