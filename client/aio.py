@@ -42,7 +42,7 @@ class AsyncParakeetClient:
                          concurrency: int = DEFAULT_CONCURRENCY) -> Transcript | list[Transcript]:
         """Transcribe one item, or a list with up to `concurrency` requests in flight (order kept)."""
         if is_single_item(audio):
-            return await self._transcribe_item(audio, "audio", timestamps)
+            return await self._transcribe_item(audio, item_name(audio), timestamps)
         items = list(audio)
         transcripts: list[Transcript | None] = [None] * len(items)
         outcomes = self.transcribe_many(items, timestamps=timestamps, concurrency=concurrency)

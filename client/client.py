@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-
 from tritonclient.utils import InferenceServerException
 
 from parakeet_triton.protocol import ENSEMBLE_MODEL
@@ -82,7 +81,7 @@ class ParakeetClient:
         order; the first failure is raised (use `transcribe_many` to get every item's outcome).
         """
         if is_single_item(audio):
-            return self._transcribe_item(audio, "audio", timestamps)
+            return self._transcribe_item(audio, item_name(audio), timestamps)
         items = list(audio)
         transcripts: list[Transcript | None] = [None] * len(items)
         outcomes = self.transcribe_many(items, timestamps=timestamps, concurrency=concurrency)
@@ -246,8 +245,11 @@ def is_single_item(audio: Any) -> bool:
     return isinstance(audio, (str, os.PathLike, np.ndarray, tuple))
 
 
-def item_name(item: Any, index: int) -> str:
-    return str(item) if isinstance(item, (str, os.PathLike)) else f"item {index}"
+def item_name(item: Any, index: int | None = None) -> str:
+    """How messages name an item: its path, else `item <index>` in a list, else `audio`."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return "audio" if index is None else f"item {index}"
 
 
 

@@ -148,6 +148,15 @@ def test_too_long_is_refused_before_sending_with_the_limit() -> None:
     assert connection.calls == 0
 
 
+def test_too_long_file_is_named(tmp_path) -> None:
+    import soundfile
+
+    path = tmp_path / "talk.wav"
+    soundfile.write(path, CLIP, 16000)
+    with pytest.raises(AudioTooLongError, match=r"talk.wav is 0.1 s long"):
+        client_with(FakeConnection(limit=0.05)).transcribe(path)
+
+
 def test_no_limit_stated() -> None:
     assert client_with(FakeConnection()).max_audio_seconds is None
 

@@ -15,7 +15,7 @@ import srt
 import webvtt
 
 from parakeet_client import (AsyncParakeetClient, AudioTooLongError, ParakeetClient, RetryPolicy,
-                             ServerRejectedError)
+                             ServerRejectedError, ServerUnavailableError)
 from parakeet_triton.protocol import SAMPLE_RATE
 
 AUDIO = Path(__file__).resolve().parent / "fixtures" / "audio"
@@ -181,3 +181,13 @@ def test_console_script_when_installed(triton_server) -> None:
         pytest.skip("parakeet-client console script not installed in this environment")
     completed = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0 and "--concurrency" in completed.stdout
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_deadline_errors_are_retried_then_reported(triton_server, protocol: str) -> None:
+    with ParakeetClient(url_of(triton_server, protocol), protocol=protocol, timeout=0.005,
+                        retry=RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.01)) as client:
+        client._limit_known = True  # the config lookup would time out too
+        with pytest.raises(ServerUnavailableError, match="deadline exceeded") as error:
+            client.transcribe(SPEECH_EN)
+    assert error.value.attempts == 2

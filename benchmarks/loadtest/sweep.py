@@ -117,11 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "perf_analyzer": analyzer.version(),
         "checkpoint": checkpoint,
         "concurrency": args.concurrency,
     }
     _say(f"{meta['perf_analyzer']} at {analyzer.executable}; results in {out_dir}")
+    model = None
+    if checkpoint and not args.no_in_process:
+        model = load_in_process(checkpoint, args.device)
+        meta["torch_threads"] = _torch_threads()
+    batch_size = args.batch_size or min(8, max(args.concurrency))
     server = None
     exit_code = 0
     try:
@@ -133,17 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             url = args.url
         meta["url"] = url
-        served = sweep(analyzer, url, clip_sets, args, out_dir, deadline=started + args.time_budget)
+        warm_up(url, clip_sets, args.level_timeout)
+        deadline = started + args.time_budget
+        for clip_set in clip_sets:  # served then in-process per clip set, so that both see the same conditions
+            served += sweep(analyzer, url, clip_set, args, out_dir, deadline)
+            if model is not None and time.monotonic() < deadline:
+                local += measure_in_process(model, clip_set, batch_size, args.in_process_budget)
     except (perf_analyzer.PerfAnalyzerError, RuntimeError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         exit_code = 1
     finally:
         if server is not None:
             server.stop()
-    if checkpoint and not args.no_in_process and exit_code == 0:
-        batch_size = args.batch_size or min(8, max(args.concurrency))
-        local = measure_in_process(checkpoint, args.device, clip_sets, batch_size, args.in_process_budget)
-        meta["torch_threads"] = _torch_threads()
+    meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write_results(out_dir / "results.json", served, local, meta)
     table = report.markdown_tables(served, local)
     (out_dir / "table.md").write_text(f"Command: `{meta['command']}`\n\n{table}")
@@ -181,48 +189,58 @@ def read_input_clips(path: Path) -> list[Clip]:
     return clips
 
 
-def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_sets: Sequence[ClipSet], args: argparse.Namespace,
+def warm_up(url: str, clip_sets: Sequence[ClipSet], timeout_s: float) -> None:
+    """One untimed request per clip set, so that first-call costs stay out of the figures."""
+    with ParakeetClient(url, timeout=timeout_s) as client:
+        for clip_set in clip_sets:
+            client.transcribe(clip_set.clips[0].samples)
+
+
+def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, args: argparse.Namespace,
           out_dir: Path, deadline: float) -> list[report.ServedResult]:
-    """perf_analyzer at each concurrency for each clip set; the encoder's mean batch from statistics deltas."""
+    """perf_analyzer at each concurrency level for one clip set; the encoder's mean batch from statistics."""
     import tritonclient.grpc as grpcclient
 
     results = []
     statistics_client = grpcclient.InferenceServerClient(url)
-    with ParakeetClient(url, timeout=args.level_timeout) as client:
-        for clip_set in clip_sets:  # one untimed request per clip first: first-call costs stay out of the figures
-            client.transcribe(clip_set.clips[0].samples)
-    for clip_set in clip_sets:
+    try:
         for concurrency in args.concurrency:
             if time.monotonic() > deadline:
-                _say(f"time budget spent: skipping {clip_set.label} at concurrency {concurrency} and after")
-                return results
-            requests = args.requests_per_level or max(12, 6 * concurrency)
-            settings = perf_analyzer.LoadSettings(
-                concurrency=concurrency,
-                request_count=None if args.time_windows_ms else max(requests, concurrency),
-                measurement_interval_ms=args.time_windows_ms or 5000)
-            stem = out_dir / f"perf_{clip_set.label}_c{concurrency}"
-            arguments = perf_analyzer.command_arguments(ENSEMBLE_MODEL, url, "grpc", clip_set.input_data,
-                                                        stem.with_suffix(".csv"), settings)
-            before = encoder_counts(statistics_client)
-            completed = analyzer.run(arguments, timeout_s=args.level_timeout)
-            after = encoder_counts(statistics_client)
-            stem.with_suffix(".log").write_text(f"$ perf_analyzer {' '.join(arguments)}\n"
-                                                f"{completed.stdout}\n{completed.stderr}")
-            if completed.returncode != 0:
-                tail = (completed.stdout + completed.stderr).strip()[-1500:]
-                raise perf_analyzer.PerfAnalyzerError(f"perf_analyzer exited {completed.returncode} for "
-                                                      f"{clip_set.label} at concurrency {concurrency}:\n{tail}")
-            row = perf_analyzer.parse_csv_report(stem.with_suffix(".csv").read_text())[0]
-            result = report.ServedResult(
-                clips=clip_set.label, clip_seconds=clip_set.mean_seconds, concurrency=concurrency,
-                requests_per_second=row.requests_per_second, p50_ms=row.p50_ms, p95_ms=row.p95_ms,
-                p99_ms=row.p99_ms, mean_encoder_batch=mean_batch(before, after))
-            results.append(result)
-            _say(f"{clip_set.label} c{concurrency}: {result.requests_per_second:.2f} req/s, RTFx {result.rtfx:.1f}, "
-                 f"p95 {result.p95_ms:.0f} ms, encoder batch {result.mean_encoder_batch}")
-    statistics_client.close()
+                _say(f"time budget spent: skipping {clip_set.label} at concurrency {concurrency} and above")
+                break
+            results.append(run_level(analyzer, url, clip_set, concurrency, args, out_dir, statistics_client))
+    finally:
+        statistics_client.close()
     return results
+
+
+def run_level(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, concurrency: int,
+              args: argparse.Namespace, out_dir: Path, statistics_client: object) -> report.ServedResult:
+    requests = args.requests_per_level or max(12, 6 * concurrency)
+    settings = perf_analyzer.LoadSettings(
+        concurrency=concurrency,
+        request_count=None if args.time_windows_ms else max(requests, concurrency),
+        measurement_interval_ms=args.time_windows_ms or 5000)
+    stem = out_dir / f"perf_{clip_set.label}_c{concurrency}"
+    arguments = perf_analyzer.command_arguments(ENSEMBLE_MODEL, url, "grpc", clip_set.input_data,
+                                                stem.with_suffix(".csv"), settings)
+    before = encoder_counts(statistics_client)
+    completed = analyzer.run(arguments, timeout_s=args.level_timeout)
+    after = encoder_counts(statistics_client)
+    stem.with_suffix(".log").write_text(f"$ perf_analyzer {' '.join(arguments)}\n"
+                                        f"{completed.stdout}\n{completed.stderr}")
+    if completed.returncode != 0:
+        tail = (completed.stdout + completed.stderr).strip()[-1500:]
+        raise perf_analyzer.PerfAnalyzerError(f"perf_analyzer exited {completed.returncode} for "
+                                              f"{clip_set.label} at concurrency {concurrency}:\n{tail}")
+    row = perf_analyzer.parse_csv_report(stem.with_suffix(".csv").read_text())[0]
+    result = report.ServedResult(
+        clips=clip_set.label, clip_seconds=clip_set.mean_seconds, concurrency=concurrency,
+        requests_per_second=row.requests_per_second, p50_ms=row.p50_ms, p95_ms=row.p95_ms,
+        p99_ms=row.p99_ms, mean_encoder_batch=mean_batch(before, after))
+    _say(f"{clip_set.label} c{concurrency}: {result.requests_per_second:.2f} req/s, RTFx {result.rtfx:.1f}, "
+         f"p95 {result.p95_ms:.0f} ms, encoder batch {result.mean_encoder_batch}")
+    return result
 
 
 def encoder_counts(statistics_client: object) -> tuple[int, int] | None:
@@ -244,19 +262,22 @@ def mean_batch(before: tuple[int, int] | None, after: tuple[int, int] | None) ->
     return None if executions <= 0 else (after[0] - before[0]) / executions
 
 
-def measure_in_process(checkpoint: str, device: str, clip_sets: Sequence[ClipSet], batch_size: int,
-                       budget_s: float) -> list[report.InProcessResult]:
+def load_in_process(checkpoint: str, device: str) -> object:
     import parakeet_core
 
     _say(f"in-process: loading {checkpoint} on {device}")
-    model = parakeet_core.from_pretrained(checkpoint, device=device)
+    return parakeet_core.from_pretrained(checkpoint, device=device)
+
+
+def measure_in_process(model: object, clip_set: ClipSet, batch_size: int,
+                       budget_s: float) -> list[report.InProcessResult]:
+    """Single stream (batch 1), then batches of `batch_size`, through parakeet_core in this process."""
     results = []
-    for clip_set in clip_sets:
-        for size in sorted({1, batch_size}):
-            result = in_process.measure(model, clip_set.label, clip_set.clips, size, budget_s=budget_s)
-            results.append(result)
-            _say(f"{clip_set.label} {result.label}: RTFx {result.rtfx:.1f}, p50 {result.p50_ms:.0f} ms "
-                 f"({result.calls} calls)")
+    for size in sorted({1, batch_size}):
+        result = in_process.measure(model, clip_set.label, clip_set.clips, size, budget_s=budget_s)
+        results.append(result)
+        _say(f"{clip_set.label} {result.label}: RTFx {result.rtfx:.1f}, p50 {result.p50_ms:.0f} ms "
+             f"({result.calls} calls)")
     return results
 
 
