@@ -15,3 +15,11 @@ TRANSCRIPTS = "TRANSCRIPTS"
 TIMESTAMPS = "TIMESTAMPS"
 
 SAMPLE_RATE = 16000
+
+# Tensors between the composing models of the ensemble (internal; clients never see them).
+# preprocessor -> encoder
+FEATURES = "FEATURES"  # FP32 [B, F, T'] log-mel features (F from the checkpoint config)
+FEATURE_LENGTHS = "FEATURE_LENGTHS"  # INT64 [B, 1] valid frames of each clip
+# encoder -> decoder
+ENCODED = "ENCODED"  # FP32 [B, T'', D] encoder output (computed in bf16 on GPU; bf16 -> fp32 -> bf16 is exact)
+ENCODED_LENGTHS = "ENCODED_LENGTHS"  # INT64 [B, 1] valid encoder frames of each clip

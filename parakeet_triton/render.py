@@ -1,0 +1,161 @@
+"""Render the Triton model repository for one deployment variant.
+
+`model_repository/<model>/config.pbtxt.template` (and `<model>/1/model.py`) are the only copies of the
+configuration; every variant (CPU, GPU, Jetson-style KIND_CPU instances computing on `cuda`) is a set of
+:class:`RenderOptions` rendered into a fresh directory by :func:`render_repository`
+(`parakeet-serve --render-only DIR` on the command line).
+
+The checkpoint is set in exactly one place, ``RenderOptions.checkpoint``, and rendered into the parameters of
+every composing model, so each Triton model loads its own stage from the same source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import string
+from pathlib import Path
+
+from . import protocol
+
+DEFAULT_CHECKPOINT = "nvidia/parakeet-tdt-0.6b-v3"
+DEVICES = ("auto", "cpu", "cuda")
+INSTANCE_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
+COMPOSING_MODELS = (protocol.PREPROCESSOR_MODEL, protocol.ENCODER_MODEL, protocol.DECODER_MODEL)
+ALL_MODELS = COMPOSING_MODELS + (protocol.ENSEMBLE_MODEL,)
+TEMPLATE_NAME = "config.pbtxt.template"
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderOptions:
+    """Everything that differs between deployments. Validated on construction (ValueError naming the field)."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    """Local `.nemo` path or Hugging Face repo id. An existing local path is made absolute when rendered."""
+    device: str = "auto"
+    """Where each instance computes: `auto` (the instance's GPU for KIND_GPU instances, else CPU), `cpu`, `cuda`."""
+    instance_kind: str = "auto"
+    """Triton instance kind: `auto` (KIND_GPU for device cuda, KIND_CPU for cpu, KIND_AUTO for auto),
+    `KIND_CPU` or `KIND_GPU`. KIND_CPU with device `cuda` is the Jetson-style setup."""
+    instances: int = 1
+    """Instances of each composing model (per GPU for KIND_GPU)."""
+    max_batch_size: int = 16
+    """Largest batch (in clips) of every model, the ensemble included."""
+    max_queue_delay_us: int = 1000
+    """Dynamic-batching queue delay of the encoder and decoder, in microseconds."""
+    max_audio_seconds: float = 300.0
+    """Longest clip accepted; longer clips get an error response."""
+    execution_env_path: str | None = None
+    """Optional `EXECUTION_ENV_PATH` for the Python backend stub (a venv/conda directory or packed .tar.gz)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
+            raise ValueError("checkpoint must be a non-empty local .nemo path or Hugging Face repo id")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise ValueError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}; got {self.instance_kind!r}")
+        if self.instance_kind == "KIND_GPU" and self.device == "cpu":
+            raise ValueError("instance_kind KIND_GPU cannot compute on device cpu; use KIND_CPU (or device auto/cuda)")
+        for name in ("instances", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be an integer >= 0; got {self.max_queue_delay_us!r}")
+        if not (isinstance(self.max_audio_seconds, (int, float)) and self.max_audio_seconds > 0):
+            raise ValueError(f"max_audio_seconds must be > 0; got {self.max_audio_seconds!r}")
+
+    @property
+    def triton_instance_kind(self) -> str:
+        """The `kind` written into each composing model's instance_group."""
+        if self.instance_kind != "auto":
+            return self.instance_kind
+        return {"cuda": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}[self.device]
+
+    @property
+    def resolved_checkpoint(self) -> str:
+        """The checkpoint as rendered: existing local paths absolute (Triton runs from another directory)."""
+        value = os.path.expanduser(self.checkpoint.strip())
+        return os.path.abspath(value) if os.path.exists(value) else self.checkpoint.strip()
+
+    @property
+    def preferred_batch_sizes(self) -> list[int]:
+        """Powers of two from 2 up to max_batch_size, plus max_batch_size itself."""
+        sizes = [size for size in (2**k for k in range(1, 16)) if size < self.max_batch_size]
+        return sizes[-3:] + [self.max_batch_size] if self.max_batch_size > 1 else []
+
+
+def template_dir() -> Path:
+    """The `model_repository/` templates: shipped inside the package, or at the root of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "model_repository", here.parent / "model_repository"):
+        if (candidate / protocol.ENSEMBLE_MODEL / TEMPLATE_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model repository templates not found next to {here} (looked for model_repository/"
+        f"{protocol.ENSEMBLE_MODEL}/{TEMPLATE_NAME}); is parakeet-triton installed with its package data?"
+    )
+
+
+def _pbtxt_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _parameters(entries: dict[str, str]) -> str:
+    blocks = [
+        f"  {{\n    key: {_pbtxt_string(key)}\n    value: {{ string_value: {_pbtxt_string(value)} }}\n  }}"
+        for key, value in entries.items()
+    ]
+    return ",\n".join(blocks)
+
+
+def model_parameters(options: RenderOptions, model: str) -> dict[str, str]:
+    """The `parameters` of one composing model (read back by parakeet_triton.glue.StageSettings)."""
+    params = {"checkpoint": options.resolved_checkpoint, "device": options.device}
+    if model == protocol.PREPROCESSOR_MODEL:
+        params["max_audio_seconds"] = repr(float(options.max_audio_seconds))
+    # GPU instances take their inputs where the previous stage left them (GPU tensors via DLPack); KIND_CPU
+    # instances (Jetson-style) only ever see CPU tensors, as the Python backend there has no GPU tensors.
+    params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "yes" if options.triton_instance_kind == "KIND_CPU" else "no"
+    if options.execution_env_path:
+        params["EXECUTION_ENV_PATH"] = options.execution_env_path
+    return params
+
+
+def render_config(options: RenderOptions, model: str, templates: Path | None = None) -> str:
+    """The rendered config.pbtxt text of one model."""
+    templates = templates or template_dir()
+    template = string.Template((templates / model / TEMPLATE_NAME).read_text())
+    preferred = options.preferred_batch_sizes
+    values = {name: getattr(protocol, name) for name in dir(protocol) if name.isupper()}
+    values.update(
+        max_batch_size=str(options.max_batch_size),
+        max_queue_delay_us=str(options.max_queue_delay_us),
+        instances=str(options.instances),
+        instance_kind=options.triton_instance_kind,
+        preferred_batch_sizes=(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""),
+        parameters=_parameters(model_parameters(options, model)) if model in COMPOSING_MODELS else "",
+    )
+    body = "\n".join(line for line in template.substitute(values).splitlines() if not line.startswith("# Template:"))
+    header = (f"# Rendered by parakeet_triton.render from model_repository/{model}/{TEMPLATE_NAME}:\n"
+              "# change the template or the parakeet-serve options, not this file.\n")
+    return header + body + "\n"
+
+
+def render_repository(options: RenderOptions, out_dir: str | os.PathLike) -> Path:
+    """Write the model repository for `options` into `out_dir` (created if needed) and return its path.
+
+    Only the four model folders are written; files in them are replaced, anything else is left alone.
+    """
+    templates = template_dir()
+    out = Path(out_dir).resolve()
+    for model in ALL_MODELS:
+        version_dir = out / model / "1"
+        version_dir.mkdir(parents=True, exist_ok=True)
+        (out / model / "config.pbtxt").write_text(render_config(options, model, templates))
+        source = templates / model / "1" / "model.py"
+        if source.is_file():
+            shutil.copyfile(source, version_dir / "model.py")
+    return out

@@ -1,0 +1,160 @@
+"""`parakeet-serve`: render the model repository and run a real tritonserver on it.
+
+    parakeet-serve [--checkpoint PATH|HF_ID] [--device auto|cpu|cuda] [--http-port 8000] [--grpc-port 8001] ...
+    parakeet-serve --render-only DIR [...]     # write the rendered model repository and exit
+
+Every option can also be given as an environment variable PARAKEET_<OPTION> (e.g. PARAKEET_CHECKPOINT,
+PARAKEET_HTTP_PORT); a command-line flag wins over the variable. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from . import protocol
+from .render import DEFAULT_CHECKPOINT, DEVICES, INSTANCE_KINDS, RenderOptions, render_repository
+from .server import Endpoints, TritonServerProcess, find_tritonserver, stub_environment, tritonserver_command
+
+ENV_PREFIX = "PARAKEET_"
+
+
+def _env(name: str, default):
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parakeet-serve",
+        description="Serve a Parakeet TDT checkpoint with Triton Inference Server (ensemble model "
+        f"'{protocol.ENSEMBLE_MODEL}': {protocol.WAV} + {protocol.WAV_LENS} -> {protocol.TRANSCRIPTS}, {protocol.TIMESTAMPS}).",
+        epilog="Every option can also be set as an environment variable PARAKEET_<OPTION> "
+        "(upper case, dashes as underscores, e.g. PARAKEET_CHECKPOINT); flags win.",
+    )
+    model = parser.add_argument_group("model repository (rendered into every model's config.pbtxt)")
+    model.add_argument("--checkpoint", default=_env("CHECKPOINT", DEFAULT_CHECKPOINT),
+                       help="local .nemo file or Hugging Face repo id (default: %(default)s)")
+    model.add_argument("--device", choices=DEVICES, default=_env("DEVICE", "auto"),
+                       help="where the models compute; auto = each instance's GPU for KIND_GPU instances, else CPU (default: %(default)s)")
+    model.add_argument("--instance-kind", choices=INSTANCE_KINDS, default=_env("INSTANCE_KIND", "auto"),
+                       help="Triton instance kind; auto = KIND_GPU for --device cuda, KIND_CPU for cpu, KIND_AUTO for auto. "
+                       "Jetson-style: --instance-kind KIND_CPU --device cuda (default: %(default)s)")
+    model.add_argument("--instances", type=int, default=int(_env("INSTANCES", 1)),
+                       help="instances of each model (per GPU for KIND_GPU) (default: %(default)s)")
+    model.add_argument("--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", 16)),
+                       help="largest batch in clips, per request and per dynamic batch (default: %(default)s)")
+    model.add_argument("--max-queue-delay-us", type=int, default=int(_env("MAX_QUEUE_DELAY_US", 1000)),
+                       help="dynamic-batching queue delay of the encoder and decoder, microseconds (default: %(default)s)")
+    model.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300.0)),
+                       help="longest clip accepted; longer clips get an error response (default: %(default)s)")
+    model.add_argument("--execution-env-path", default=_env("EXECUTION_ENV_PATH", None) or None,
+                       help="EXECUTION_ENV_PATH for the Python backend stub (venv/conda directory or packed .tar.gz); "
+                       "not needed when the stub's `python3` on PATH has parakeet-triton installed")
+    model.add_argument("--render-only", metavar="DIR", default=None,
+                       help="write the rendered model repository into DIR and exit (for containers / Kubernetes)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                        help="address for HTTP, gRPC and metrics (default: %(default)s; 0.0.0.0 in containers)")
+    server.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)), help="(default: %(default)s)")
+    server.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)), help="(default: %(default)s)")
+    server.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 8002)), help="(default: %(default)s)")
+    server.add_argument("--log-verbose", type=int, nargs="?", const=1, default=int(_env("LOG_VERBOSE", 0)),
+                        help="tritonserver --log-verbose level (flag alone: 1) (default: %(default)s)")
+    server.add_argument("--tritonserver", default=_env("TRITONSERVER", None) or None,
+                        help="tritonserver binary (default: the one on PATH, else the nvidia-pytriton wheel's)")
+    server.add_argument("--ready-timeout", type=float, default=float(_env("READY_TIMEOUT", 1800)),
+                        help="seconds to wait for the server to load and become ready (default: %(default)s)")
+    server.add_argument("--exit-timeout-secs", type=int, default=int(_env("EXIT_TIMEOUT_SECS", 8)),
+                        help="on SIGTERM/SIGINT, seconds tritonserver waits for in-flight requests (default: %(default)s)")
+    return parser
+
+
+def render_options(args: argparse.Namespace) -> RenderOptions:
+    return RenderOptions(
+        checkpoint=args.checkpoint,
+        device=args.device,
+        instance_kind=args.instance_kind,
+        instances=args.instances,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        max_audio_seconds=args.max_audio_seconds,
+        execution_env_path=args.execution_env_path,
+    )
+
+
+def _say(message: str) -> None:
+    print(f"parakeet-serve: {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = render_options(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.render_only:
+        out = render_repository(options, args.render_only)
+        _say(f"model repository written to {out} (checkpoint {options.resolved_checkpoint!r}, "
+             f"instances {options.instances} x {options.triton_instance_kind}, device {options.device})")
+        return 0
+
+    endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    stop_signals: list[int] = []
+
+    with tempfile.TemporaryDirectory(prefix="parakeet-serve-") as work:
+        repository = render_repository(options, Path(work) / "model_repository")
+        try:
+            binary = find_tritonserver(Path(work) / "tritonserver", args.tritonserver)
+        except FileNotFoundError as error:
+            _say(f"error: {error}")
+            return 2
+        shm_prefix = f"parakeet_{os.getpid()}_"
+        command = tritonserver_command(binary, repository, endpoints, shm_prefix=shm_prefix,
+                                       log_verbose=args.log_verbose, exit_timeout_secs=args.exit_timeout_secs)
+        server = TritonServerProcess(command, stub_environment(binary), endpoints, shm_prefix=shm_prefix)
+
+        def forward(signum, _frame):
+            stop_signals.append(signum)
+            # first signal: graceful shutdown; a second one: kill
+            server.signal(signal.SIGTERM if len(stop_signals) == 1 else signal.SIGKILL)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            _say(f"starting tritonserver from {binary.origin}; checkpoint {options.resolved_checkpoint!r}, "
+                 f"device {options.device}, {options.instances} x {options.triton_instance_kind}")
+            server.start()
+            ready = server.wait_ready(args.ready_timeout, should_stop=lambda: bool(stop_signals))
+            if ready and not stop_signals:
+                _say(f"ready: HTTP http://{endpoints.http_url}  gRPC {endpoints.grpc_url}  metrics {endpoints.metrics_url}  "
+                     f"model '{protocol.ENSEMBLE_MODEL}' (pid {server.pid})")
+            elif not stop_signals:
+                if server.poll() is None:
+                    _say(f"error: tritonserver not ready after {args.ready_timeout:.0f} s; stopping it")
+                    server.stop()
+                    return 1
+                code = server.wait()
+                _say(f"error: tritonserver exited with code {code} before it was ready:\n{server.failure_reason()}")
+                return code or 1
+            code = server.wait()
+            if stop_signals:
+                _say(f"tritonserver stopped (exit code {code})")
+                return code
+            _say(f"error: tritonserver exited unexpectedly with code {code}:\n{server.failure_reason()}")
+            return code or 1
+        finally:
+            if server.poll() is None:
+                server.stop()
+            leftovers = server.cleanup_shared_memory()
+            if leftovers:
+                _say(f"removed {len(leftovers)} shared-memory region(s) left behind: {', '.join(leftovers)}")
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

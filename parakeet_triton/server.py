@@ -1,0 +1,291 @@
+"""Find, configure, start and stop a real `tritonserver` process (used by `parakeet-serve` and the tests).
+
+The binary is the `tritonserver` on PATH (as in NGC's tritonserver containers), else the one shipped in the
+`nvidia-pytriton` wheel. For the wheel's binary this module assembles what the wheel leaves to its caller: a
+backend directory holding the Python backend stub built for this interpreter's Python version, the wheel's
+bundled libraries on LD_LIBRARY_PATH, and an environment in which the stub finds this interpreter's packages
+(this interpreter's bin directory first on PATH, its libpython directory on LD_LIBRARY_PATH).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, TextIO
+
+ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE:|^error: |failed to load")
+LOAD_FAILURE = re.compile(r"UNAVAILABLE:|^error: |failed to load")
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBinary:
+    """A runnable tritonserver and what it needs."""
+
+    executable: Path
+    backend_dir: Path | None  # None: the binary's built-in default (/opt/tritonserver/backends)
+    cache_dir: Path | None
+    library_dirs: tuple[str, ...]
+    origin: str  # where it was found, for messages
+
+
+def _pytriton_root() -> Path | None:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    return root if (root / "bin" / "tritonserver").is_file() else None
+
+
+def _prepare_wheel_backends(root: Path, runtime_dir: Path) -> Path:
+    """A backend directory with the wheel's Python backend and the stub for this Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        available = sorted(p.name for p in (root / "python_backend_stubs").iterdir())
+        raise FileNotFoundError(f"nvidia-pytriton has no Python backend stub for Python {version} (has {available})")
+    python_dir = runtime_dir / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in [*sorted((root / "backends" / "python").glob("*.*")), stub]:
+        target = python_dir / source.name
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        target.symlink_to(source)
+    return runtime_dir / "backends"
+
+
+def find_tritonserver(runtime_dir: str | os.PathLike, explicit: str | None = None) -> TritonBinary:
+    """The tritonserver to run: `explicit`, else the one on PATH, else the nvidia-pytriton wheel's."""
+    found = explicit or shutil.which("tritonserver")
+    if found:
+        executable = Path(shutil.which(found) or found).resolve()
+        if not executable.is_file():
+            raise FileNotFoundError(f"tritonserver not found at {found}")
+        backends = executable.parent.parent / "backends"
+        caches = executable.parent.parent / "caches"
+        return TritonBinary(
+            executable,
+            backends if backends.is_dir() else None,
+            caches if caches.is_dir() else None,
+            (),
+            f"{'--tritonserver' if explicit else 'PATH'} ({executable})",
+        )
+    root = _pytriton_root()
+    if root is None:
+        raise FileNotFoundError(
+            "no tritonserver found: put one on PATH (NGC tritonserver container) or install the serving extra "
+            "(pip install 'parakeet-triton[serve]', which brings the nvidia-pytriton wheel)"
+        )
+    backends = _prepare_wheel_backends(root, Path(runtime_dir))
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    return TritonBinary(root / "bin" / "tritonserver", backends, root / "caches", (str(libs),), f"nvidia-pytriton wheel ({root})")
+
+
+def stub_environment(binary: TritonBinary, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver in which the Python backend stub runs this interpreter's environment."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
+    library_dirs = list(binary.library_dirs)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        library_dirs.append(libdir)
+    if env.get("LD_LIBRARY_PATH"):
+        library_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(library_dirs)
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoints:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+
+    @property
+    def _client_host(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def http_url(self) -> str:
+        """host:port, as tritonclient.http takes it."""
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port, as tritonclient.grpc takes it."""
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://{self.http_url}/v2/health/ready"
+
+
+def tritonserver_command(
+    binary: TritonBinary,
+    model_repository: str | os.PathLike,
+    endpoints: Endpoints,
+    *,
+    shm_prefix: str,
+    log_verbose: int = 0,
+    exit_timeout_secs: int = 8,
+) -> list[str]:
+    command = [str(binary.executable), f"--model-repository={model_repository}"]
+    if binary.backend_dir is not None:
+        command.append(f"--backend-directory={binary.backend_dir}")
+    if binary.cache_dir is not None:
+        command.append(f"--cache-directory={binary.cache_dir}")
+    command += [
+        f"--http-address={endpoints.host}",
+        f"--http-port={endpoints.http_port}",
+        f"--grpc-address={endpoints.host}",
+        f"--grpc-port={endpoints.grpc_port}",
+        "--allow-metrics=true",
+        f"--metrics-address={endpoints.host}",
+        f"--metrics-port={endpoints.metrics_port}",
+        "--disable-auto-complete-config",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--exit-timeout-secs={exit_timeout_secs}",
+        f"--log-verbose={log_verbose}",
+        # A unique prefix lets us remove the Python backend's /dev/shm regions should the server die uncleanly.
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+    ]
+    return command
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort (not Linux/glibc)
+        pass
+
+
+class TritonServerProcess:
+    """One tritonserver child process: output forwarded to `sink`, error lines kept for the failure reason."""
+
+    def __init__(self, command: list[str], env: dict[str, str], endpoints: Endpoints, *, shm_prefix: str, sink: TextIO | None = None):
+        self.command = command
+        self.env = env
+        self.endpoints = endpoints
+        self.shm_prefix = shm_prefix
+        self.sink = sink if sink is not None else sys.stderr
+        self.process: subprocess.Popen | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._errors: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # terminal signals reach us only; we forward exactly one
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            self._tail.append(line.rstrip("\n"))
+            if ERROR_LINE.search(line) and len(self._errors) < 200:
+                self._errors.append(line.rstrip("\n"))
+            try:
+                self.sink.write(line)
+                self.sink.flush()
+            except (OSError, ValueError):
+                pass
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoints.ready_url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """True once the server reports ready; False if it exited, `should_stop()` or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not should_stop():
+            if self.poll() is not None:
+                return False
+            if self.is_ready():
+                return True
+            time.sleep(0.2)
+        return False
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return code
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; then remove any shared-memory regions left behind."""
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            code = self.wait()
+        self.cleanup_shared_memory()
+        return code
+
+    def cleanup_shared_memory(self) -> list[str]:
+        """Remove /dev/shm regions of this server's Python backend stubs (none remain after a clean exit)."""
+        removed = []
+        for path in glob.glob(os.path.join("/dev/shm", glob.escape(self.shm_prefix) + "*")):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+        return removed
+
+    def failure_reason(self) -> str:
+        """The server's own error lines (model load failures first), else the tail of its log."""
+        errors = list(dict.fromkeys(self._errors))
+        lines = [line for line in errors if LOAD_FAILURE.search(line)] or errors or list(self._tail)[-20:]
+        return "\n".join(lines) if lines else "(tritonserver printed nothing)"

@@ -1,0 +1,172 @@
+"""Shared fixtures: a real tritonserver (via `parakeet-serve`) serving the v3_small fixture checkpoint on CPU.
+
+`triton_server` (session scope) renders the model repository for the fixture checkpoint, starts
+`python -m parakeet_triton.serve` (the `parakeet-serve` launcher, which runs the real tritonserver) on free
+loopback ports, waits until it is ready, and stops it by PID (SIGTERM, then SIGKILL) at the end of the
+session, also when tests fail. It yields a :class:`ServerHandle`:
+
+    .grpc_url, .http_url      "127.0.0.1:PORT", as tritonclient.grpc / tritonclient.http take them
+    .metrics_url              "http://127.0.0.1:PORT/metrics"
+    .checkpoint               the served checkpoint (str path)
+    .max_audio_seconds, .max_batch_size, .log_path, .pid
+
+Tests that need a server skip when no tritonserver is available (neither on PATH nor from nvidia-pytriton).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+SERVED_CHECKPOINT = FIXTURES / "v3_small" / "v3_small.nemo"
+SERVER_MAX_AUDIO_SECONDS = 60.0  # the longest fixture clip is 44 s; the too-long test sends more than this
+SERVER_MAX_BATCH_SIZE = 16
+# Long enough that concurrent requests reliably meet in the encoder's queue on a busy 2-core CPU.
+SERVER_QUEUE_DELAY_US = 50_000
+READY_TIMEOUT_S = 300
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on the loopback interface."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def tritonserver_available() -> bool:
+    return bool(shutil.which("tritonserver")) or importlib.util.find_spec("pytriton") is not None
+
+
+@dataclasses.dataclass
+class ServerHandle:
+    grpc_url: str
+    http_url: str
+    metrics_url: str
+    checkpoint: str
+    max_audio_seconds: float
+    max_batch_size: int
+    log_path: Path
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _is_ready(http_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_server(log_path: Path, *extra_args: str, checkpoint: Path | str = SERVED_CHECKPOINT,
+                 wait: bool = True) -> ServerHandle:
+    """Start `parakeet-serve` (as `python -m parakeet_triton.serve`) on free loopback ports."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    command = [
+        sys.executable, "-m", "parakeet_triton.serve",
+        "--checkpoint", str(checkpoint),
+        "--device", "cpu",
+        "--host", "127.0.0.1",
+        "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        "--max-batch-size", str(SERVER_MAX_BATCH_SIZE),
+        "--max-queue-delay-us", str(SERVER_QUEUE_DELAY_US),
+        "--max-audio-seconds", str(SERVER_MAX_AUDIO_SECONDS),
+        "--ready-timeout", str(READY_TIMEOUT_S),
+        *extra_args,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")}
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=env, cwd=str(ROOT))
+    log_file.close()
+    handle = ServerHandle(
+        grpc_url=f"127.0.0.1:{grpc_port}",
+        http_url=f"127.0.0.1:{http_port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        checkpoint=str(checkpoint),
+        max_audio_seconds=SERVER_MAX_AUDIO_SECONDS,
+        max_batch_size=SERVER_MAX_BATCH_SIZE,
+        log_path=log_path,
+        process=process,
+    )
+    if wait:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _is_ready(handle.http_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_server(handle)
+                raise RuntimeError(f"parakeet-serve did not become ready (exit code {process.poll()}):\n{handle.log()[-6000:]}")
+            time.sleep(0.25)
+    return handle
+
+
+def stop_server(handle: ServerHandle, timeout: float = 30.0) -> int:
+    """SIGTERM the launcher by PID (it stops tritonserver); SIGKILL if it does not exit in `timeout`."""
+    process = handle.process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def _check_installed_from_this_checkout() -> None:
+    # The Python backend stub ignores PYTHONPATH: it imports parakeet_triton from the interpreter's environment.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import parakeet_triton, parakeet_core; print(parakeet_triton.__file__)"],
+        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd="/",
+    )
+    if probe.returncode != 0 or not Path(probe.stdout.strip()).resolve().is_relative_to(ROOT):
+        pytest.fail(
+            f"{sys.executable} does not import parakeet_triton from {ROOT} without PYTHONPATH "
+            f"(got {probe.stdout.strip() or probe.stderr.strip()[-300:]}); run `pip install -e {ROOT}` first"
+        )
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory) -> ServerHandle:
+    """A running tritonserver with the `parakeet` ensemble for the v3_small fixture checkpoint (CPU)."""
+    if not tritonserver_available():
+        pytest.skip("no tritonserver: install nvidia-pytriton (the `serve` extra) or run in a Triton container")
+    if not SERVED_CHECKPOINT.is_file():
+        pytest.fail(f"fixture checkpoint missing: {SERVED_CHECKPOINT}")
+    _check_installed_from_this_checkout()
+    log_path = tmp_path_factory.mktemp("triton") / "parakeet-serve.log"
+    try:
+        handle = start_server(log_path)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    try:
+        yield handle
+    finally:
+        stop_server(handle)
