@@ -119,10 +119,19 @@ class MelPreprocessor(nn.Module):
 
     @staticmethod
     def _normalize_per_feature(features: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        valid3 = valid[:, None, :]
-        count = valid.sum(dim=1)[:, None]
-        mean = torch.where(valid3, features, 0.0).sum(dim=2) / count
-        centred = torch.where(valid3, features - mean[:, :, None], 0.0)
-        std = torch.sqrt(centred.pow(2).sum(dim=2) / (count - 1.0))
-        std = std.masked_fill(std.isnan(), 0.0) + _NORMALIZE_EPS
-        return (features - mean[:, :, None]) / std[:, :, None]
+        # Each clip's statistics are reduced over exactly the frames it has when processed alone (its valid
+        # frames plus the one trailing frame the centred STFT adds), so the floating-point summation order,
+        # and therefore the result, does not depend on how much padding the batch adds. This matters for
+        # near-constant input such as digital silence, where the rounding residue is divided by std + 1e-5.
+        normalized = torch.empty_like(features)
+        for row in range(features.shape[0]):
+            frames = min(int(lengths[row]) + 1, features.shape[2])
+            clip = features[row : row + 1, :, :frames]
+            mask = valid[row : row + 1, None, :frames]
+            count = mask.sum(dim=2)
+            mean = torch.where(mask, clip, 0.0).sum(dim=2) / count
+            centred = torch.where(mask, clip - mean[:, :, None], 0.0)
+            std = torch.sqrt(centred.pow(2).sum(dim=2) / (count - 1.0))
+            std = std.masked_fill(std.isnan(), 0.0) + _NORMALIZE_EPS
+            normalized[row] = ((features[row : row + 1] - mean[:, :, None]) / std[:, :, None])[0]
+        return normalized

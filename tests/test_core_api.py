@@ -158,3 +158,14 @@ def test_cli_reports_unknown_checkpoint(tmp_path):
     )
     assert result.returncode == 1
     assert "checkpoint not found" in result.stderr
+
+
+@pytest.mark.parametrize("padding", [0, 160, 1000, 16000, 48000])
+def test_digital_silence_is_batch_invariant(model, fixture, padding):
+    """Constant input normalises a pure rounding residue: it must not depend on the batch's padded length."""
+    silence = np.zeros(8562, dtype=np.float32)
+    alone = model.transcribe(silence)
+    speech = fixture.clip_samples("speech_en")
+    longer = np.zeros(len(silence) + padding, dtype=np.float32)
+    batch = model.transcribe([silence, speech, longer[: max(len(silence), len(longer))]], batch_size=3)
+    assert batch[0] == alone

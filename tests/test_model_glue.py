@@ -312,10 +312,6 @@ def test_batched_requests_equal_each_alone_and_in_process(stages, reference, cli
         assert texts(run_pipeline(stages, [request(WAV=clips[name][None])])[0]) == texts(response)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "parakeet_core featurize: per-feature normalisation of a constant (all-zero) clip divides a rounding residue "
-    "(x - mean ~ 1e-6, whose value depends on the reduction order, i.e. on the padded batch shape) by std + 1e-5 "
-    "= 1e-5, so the features of digital silence change with their batch-mates. Reported to the core owner."))
 def test_digital_silence_batched_equals_alone(stages, clips):
     silence = np.zeros(8562, np.float32)
     alone = texts(run_pipeline(stages, [request(WAV=silence[None])])[0])

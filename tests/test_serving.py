@@ -169,7 +169,7 @@ def test_http_results_equal_in_process_and_nemo(http, audio, in_process_results,
 
 def test_padded_multi_clip_request_like_triton_asr_client(grpc, audio, in_process_results):
     """WAV [B, T] zero-padded to whole seconds + WAV_LENS [B, 1], as Triton-ASR-Client sends a batch."""
-    names = ["speech_en", "short", "speech_de", "noise"]  # not digital silence: see test_model_glue.py
+    names = ["speech_en", "short", "speech_de", "noise", "silence"]
     longest = max(len(audio[n]) for n in names)
     padded_len = int(math.ceil(longest / RATE) * RATE)
     wav = np.zeros((len(names), padded_len), dtype=np.float32)
@@ -198,8 +198,7 @@ def test_wav_lens_is_optional_and_equal_to_full_length(grpc, audio, in_process_r
 
 def test_32_concurrent_mixed_lengths_equal_single_and_batch_in_encoder(triton_server, grpc, audio):
     rng = np.random.default_rng(1234)
-    # Not "silence" (digital zeros): see test_model_glue.py::test_digital_silence_batched_equals_alone.
-    sources = ["speech_en", "speech_de", "noise"]
+    sources = ["speech_en", "speech_de", "noise", "silence"]
     clips = []
     for index in range(32):
         source = audio[sources[index % len(sources)]]
