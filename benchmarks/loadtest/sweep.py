@@ -154,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write_results(out_dir / "results.json", served, local, meta)
     table = report.markdown_tables(served, local)
-    (out_dir / "table.md").write_text(f"Command: `{meta['command']}`\n\n{table}")
+    (out_dir / "table.md").write_text(
+        f"Command: `{meta['command']}`\n\n{meta['date']}, {meta['cpus']} CPUs, load average (1/5/15 min) "
+        f"{meta['load_average_at_start']} at start, {meta['load_average_at_end']} at end; {meta['perf_analyzer']}"
+        f"\n\n{table}")
     written = [out_dir / "results.json", out_dir / "table.md"]
     if served or local:
         try:
