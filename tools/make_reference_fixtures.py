@@ -322,9 +322,12 @@ def overwrite_weights(model, seed: int, blank_bias: float, dur_bias: list[float]
 
 
 def calibrate_joint(model, signals: list[np.ndarray], seed: int, enc_gain: float = 1.0,
-                    pred_gain: float = 0.7) -> None:
+                    pred_gain: float = 0.7, whiten: bool = False) -> None:
     """Rescale and centre the joint's input projections, as training would, so the joint sees encoder and
-    prediction-network variation of a useful size instead of the random network's constant offsets."""
+    prediction-network variation of a useful size instead of the random network's constant offsets.
+    whiten: first whiten the encoder output (PCA over the given clips' frames, eigenvalues floored at 1e-3 of
+    the largest) inside the joint's encoder projection. A deep random encoder's output varies along few
+    directions; without this the full-size model's joint sees almost the same input on every frame."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -341,6 +344,12 @@ def calibrate_joint(model, signals: list[np.ndarray], seed: int, enc_gain: float
         pred, _ = model.decoder.predict(y, state=None, add_sos=False, batch_size=8)  # [B, U, H]
         pr = pred.reshape(-1, pred.shape[-1])
     with torch.no_grad():
+        if whiten:
+            ec = (e - e.mean(dim=0)).double()
+            vals, vecs = torch.linalg.eigh(ec.T @ ec / ec.shape[0])
+            vals = vals.clamp_min(vals.max() * 1e-3)
+            white = (vecs * vals.rsqrt()) @ vecs.T
+            model.joint.enc.weight.copy_((model.joint.enc.weight.double() @ white).float())
         for lin, data, gain in ((model.joint.enc, e, enc_gain), (model.joint.pred, pr, pred_gain)):
             w = lin.weight.clone()
             z = data @ w.T
@@ -438,25 +447,45 @@ def decode_stats(recs: dict, enc_lens: dict) -> dict:
         per_frame = {}
         for f in fr:
             per_frame[f] = per_frame.get(f, 0) + 1
+        covered = set()
+        for f, d in zip(fr, r["durations"]):
+            covered.update(range(f, min(f + d, T)))
         out[k] = {"tokens": len(r["tokens"]), "encoder_frames": T,
                   "tokens_per_frame": round(len(r["tokens"]) / max(T, 1), 3),
                   "zero_durations": sum(1 for d in r["durations"] if d == 0),
                   "max_symbols_on_one_frame": max(per_frame.values()) if per_frame else 0,
-                  "distinct_tokens": len(set(r["tokens"]))}
+                  "distinct_tokens": len(set(r["tokens"])),
+                  # frames no token's [frame, frame + duration) span covers: skipped by blanks (or by the
+                  # forced advance after max_symbols)
+                  "frames_not_covered_by_tokens": T - len(covered)}
     return out
 
 
-def quick_stats(model, clips: dict[str, np.ndarray]) -> dict:
-    recs, lens = {}, {}
+def encode_clips(model, clips: dict[str, np.ndarray]) -> dict:
+    """Encoder outputs of each clip alone (they do not depend on the joint biases being tuned)."""
+    out = {}
     for k, x in clips.items():
-        _, _, _, enc_len, hyps = run_batch(model, [x])
-        recs[k] = hyp_record(hyps[0])
-        lens[k] = int(enc_len[0])
+        _, _, enc, enc_len, _ = run_batch(model, [x], decode=False)
+        out[k] = (enc, enc_len)
+    return out
+
+
+def quick_stats(model, encoded: dict) -> dict:
+    import torch
+
+    recs, lens = {}, {}
+    with torch.inference_mode():
+        for k, (enc, enc_len) in encoded.items():
+            hyps = model.decoding.rnnt_decoder_predictions_tensor(
+                encoder_output=enc, encoded_lengths=enc_len, return_hypotheses=True)
+            recs[k] = hyp_record(hyps[0])
+            lens[k] = int(enc_len[0])
     return decode_stats(recs, lens)
 
 
-def tune_biases(model, clips: dict, target: float = 0.45, zero_frac=(0.05, 0.3), speech=("speech_en", "speech_de",
-                                                                                      "long")):
+def tune_biases(model, clips: dict, target: float = 0.45, zero_frac=(0.05, 0.3),
+                speech=("speech_en", "speech_de", "long"), base_dur=(1.2, 0.6, 0.0, -0.5),
+                min_blank_frac: float = 0.0, multi_on_every_clip: bool = True):
     """Search the zero-duration bias and the blank bias so that greedy decoding of speech gives about `target`
     tokens per encoder frame, some zero durations (a fraction `zero_frac` of tokens) and frames with several
     symbols. Returns (blank_bias, duration_biases, stats)."""
@@ -464,35 +493,50 @@ def tune_biases(model, clips: dict, target: float = 0.45, zero_frac=(0.05, 0.3),
 
     out = model.joint.joint_net[-1]
     V1 = model.joint.num_classes_with_blank - model.joint.num_extra_outputs
-    base_dur = [1.2, 0.6, 0.0, -0.5]
-    sp = {k: clips[k] for k in speech}
-    for zero_bias in (0.0, -0.5, -1.0, -1.5, -2.0, -2.5, -3.0, 0.5, 1.0):
+    base_dur = list(base_dur)
+    sp = encode_clips(model, {k: clips[k] for k in speech})
+    zero_bias, tried, fallback = 0.0, set(), None
+    while zero_bias not in tried and len(tried) < 8:
+        tried.add(zero_bias)
         lo, hi = -10.0, 20.0
         for _ in range(10):
             b = (lo + hi) / 2
             with torch.no_grad():
                 out.bias[V1 - 1] = b
                 out.bias[V1:] = torch.tensor([zero_bias] + base_dur)
+            t = time.time()
             st = quick_stats(model, sp)
             ntok = sum(s["tokens"] for s in st.values())
             tpf = ntok / sum(s["encoder_frames"] for s in st.values())
             zf = sum(s["zero_durations"] for s in st.values()) / max(ntok, 1)
-            multi = min(s["max_symbols_on_one_frame"] for s in st.values())
-            print(f"  zero_bias={zero_bias:+.2f} blank_bias={b:+.4f} tokens/frame={tpf:.3f} "
-                  f"zero_dur_frac={zf:.3f} min(max symbols/frame)={multi}", flush=True)
+            multi = (min if multi_on_every_clip else max)(s["max_symbols_on_one_frame"] for s in st.values())
+            bf = (sum(s["frames_not_covered_by_tokens"] for s in st.values())
+                  / sum(s["encoder_frames"] for s in st.values()))
+            print(f"  durations bias {base_dur} zero_bias={zero_bias:+.2f} blank_bias={b:+.4f} "
+                  f"tokens/frame={tpf:.3f} zero_dur_frac={zf:.3f} blank_frame_frac={bf:.3f} "
+                  f"max symbols/frame={multi} ({time.time() - t:.1f} s)", flush=True)
             if abs(tpf - target) <= 0.04:
                 break
             if tpf > target:
                 lo = b
             else:
                 hi = b
-        if abs(tpf - target) <= 0.08 and zero_frac[0] <= zf <= zero_frac[1] and multi >= 2:
+        if abs(tpf - target) <= 0.08 and zero_frac[0] <= zf <= zero_frac[1] and multi >= 2 and bf >= min_blank_frac:
             return b, [zero_bias] + base_dur, st
-        if zf < zero_frac[0] or multi < 2:
-            # too few zero durations: going further down will not help
-            if zero_bias <= 0:
-                continue
-    raise RuntimeError("could not tune the joint biases")
+        if bf < min_blank_frac:
+            break  # durations too long for blanks to matter: the caller shortens them
+        if abs(tpf - target) <= 0.08 and zf > 0 and bf >= min_blank_frac and max(s["max_symbols_on_one_frame"] for s in st.values()) >= 2:
+            fallback = (b, [zero_bias] + base_dur, st)
+        # more zero durations (and multi-symbol frames) with a larger duration-0 bias, fewer with a smaller one
+        zero_bias += -0.5 if zf > zero_frac[1] else 0.5
+    if fallback is None:
+        raise RuntimeError("could not tune the joint biases")
+    print("  WARNING: no setting met every criterion; using the last one near the target rate", flush=True)
+    b, dur, st = fallback
+    with torch.no_grad():
+        out.bias[V1 - 1] = b
+        out.bias[V1:] = torch.tensor(dur)
+    return fallback
 
 
 # --------------------------------------------------------------------------------------------------
@@ -647,8 +691,90 @@ def build_small(name: str, work: Path) -> None:
     print("  transcribe equal:", {k: v["equal_to_manual"] for k, v in ref["transcribe"].items()})
 
 
+HF_REPO = "nvidia/parakeet-tdt-0.6b-v3"
+HF_FILE = "parakeet-tdt-0.6b-v3.nemo"
+
+
+def make_hf_cache(nemo_path: Path, cache_dir: Path, repo_id: str = HF_REPO) -> Path:
+    """Lay `nemo_path` out as the Hugging Face hub cache does after a download: blobs/<sha256> (a hard link to
+    the file, or a symlink where hard links are impossible), snapshots/<commit>/<file> -> ../../blobs/<sha256>,
+    refs/main = <commit>. `hf_hub_download` / `snapshot_download` then find it offline."""
+    h = hashlib.sha256()
+    with open(nemo_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    blob_id = h.hexdigest()
+    commit = hashlib.sha1(f"{repo_id}:{blob_id}".encode()).hexdigest()  # any 40-hex revision works offline
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    if repo_dir.exists():
+        shutil.rmtree(repo_dir)
+    (repo_dir / "blobs").mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    blob = repo_dir / "blobs" / blob_id
+    try:
+        os.link(nemo_path, blob)
+    except OSError:
+        blob.symlink_to(nemo_path.resolve())
+    (snap / nemo_path.name).symlink_to(Path("..") / ".." / "blobs" / blob_id)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snap / nemo_path.name
+
+
 def build_full(out_dir: Path, work: Path) -> None:
-    raise NotImplementedError("--full-size: work in progress")
+    import torch
+    from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = SPECS["full_v3"]
+    t0 = time.time()
+    if not (AUDIO_DIR / "speech_en.wav").exists():
+        make_audio()
+    tok = train_tokenizer(work / "full_v3" / "tok", spec["vocab"], spec["langs"], spec["corpus"], spec["seed"])
+    model = build_model(spec, tok, 0.0, [0.0] * len(DURATIONS))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"built full-size model: {n_params} parameters, {time.time() - t0:.0f} s", flush=True)
+    clips = {k: read_clip(k) for k in CLIPS}
+    # The deep random encoder's output varies along few directions (5 principal components hold 95 % of its
+    # variance on speech): whiten it inside the joint, and keep the prediction network's share small, or the
+    # decoder falls into all-token or all-blank regimes depending on its state.
+    calibrate_joint(model, [clips["speech_en"], clips["speech_de"], clips["long"]], spec["seed"] * 1000 + 11,
+                    pred_gain=0.15, whiten=True)
+    set_timestamps(model, True)
+    for shift in (1.5, 3.0, 4.5, 6.0):
+        try:
+            blank_bias, dur_bias, st = tune_biases(
+                model, clips, target=0.4, base_dur=(1.2, 0.6 - shift, -shift, -0.5 - shift),
+                min_blank_frac=0.2, multi_on_every_clip=False)
+            break
+        except RuntimeError as exc:
+            print(f"  shift {shift}: {exc}", flush=True)
+    else:
+        raise RuntimeError("could not tune the full-size joint biases")
+    print(f"tuned in {time.time() - t0:.0f} s: blank bias {blank_bias}, duration biases {dur_bias}", flush=True)
+    nemo_path = out_dir / HF_FILE
+    save_nemo(model, nemo_path)
+    print(f"saved {nemo_path} ({nemo_path.stat().st_size} bytes), {time.time() - t0:.0f} s", flush=True)
+    del model
+    snap_file = make_hf_cache(nemo_path, out_dir / "hf-cache")
+    print(f"hub cache: {snap_file}", flush=True)
+    model = EncDecRNNTBPEModel.restore_from(str(nemo_path), map_location="cpu")
+    model.eval()
+    extra = {"model": {"name": "full_v3", "spec": {k: v for k, v in spec.items() if k not in ("langs",)},
+                       "parameters": n_params, "nemo_bytes": nemo_path.stat().st_size,
+                       "joint_blank_bias": blank_bias, "joint_duration_biases": dur_bias},
+             "hf_cache": {"HF_HUB_CACHE": str(out_dir / "hf-cache"), "repo_id": HF_REPO,
+                          "snapshot_file": str(snap_file)}}
+    ref = make_reference(model, nemo_path, out_dir / "reference", extra)
+    speech = ("speech_en", "speech_de", "long")
+    ntok = sum(ref["stats"][k]["tokens"] for k in speech)
+    nfr = sum(ref["stats"][k]["encoder_frames"] for k in speech)
+    print(f"full-size: {n_params} params, {time.time() - t0:.0f} s; speech tokens per encoder frame "
+          f"{ntok / nfr:.3f}")
+    for k, s in ref["stats"].items():
+        print(f"  {k:10s} {s}")
+    print("  transcribe equal:", {k: v["equal_to_manual"] for k, v in ref["transcribe"].items()})
 
 
 def main(argv=None) -> int:
