@@ -120,4 +120,30 @@ def build(device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0,
     model = ParakeetTDT(checkpoint, device=device_, dtype=dtype or default_dtype(device_))
     bias, rate = tune_token_rate(model, speech(12.0), target_tokens_per_frame)
     parameters = sum(p.numel() for m in (model.encoder, model.decoder) for p in m.parameters())
-    return model, {"blank_bias": bias, "tokens_per_frame": rate, "parameters": parameters}
+    return model, {"blank_bias": bias, "tokens_per_frame": rate, "parameters": parameters, "raw_config": raw,
+                   "tokenizer_model": base.tokenizer_model}
+
+
+def save_nemo(model: ParakeetTDT, path: Path, raw_config: dict, tokenizer_model: bytes) -> Path:
+    """Write the model (tuned biases included) as a `.nemo` tar in NeMo's layout, for serving benchmarks."""
+    import io
+    import tarfile
+
+    import yaml
+
+    config = copy.deepcopy(raw_config)
+    config["tokenizer"]["model_path"] = "nemo:tokenizer.model"
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in (("preprocessor.featurizer", model.preprocessor), ("encoder", model.encoder),
+                           ("decoder.prediction", model.decoder.prediction), ("joint", model.decoder.joint)):
+        state.update({f"{prefix}.{k}": v.detach().float().cpu() for k, v in module.state_dict().items()})
+    weights = io.BytesIO()
+    torch.save(state, weights)
+    members = {"model_config.yaml": yaml.safe_dump(config).encode(), "tokenizer.model": tokenizer_model,
+               "model_weights.ckpt": weights.getvalue()}
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
