@@ -119,10 +119,14 @@ def test_command_arguments() -> None:
     assert counted[counted.index("--request-count") + 1] == "8"
     assert counted[counted.index("-b") + 1] == "1" and "--measurement-mode" not in counted
     windows = perf_analyzer.command_arguments("parakeet", "h:1", "grpc", "in.json", "out.csv",
-                                              perf_analyzer.LoadSettings(concurrency=1, measurement_interval_ms=3000))
-    assert windows[windows.index("--measurement-interval") + 1] == "3000" and "--max-trials" in windows
+                                              perf_analyzer.LoadSettings(concurrency=1, window_ms=3000))
+    assert windows[windows.index("--measurement-interval") + 1] == "3000"
+    assert windows[windows.index("--max-trials") + 1] == "3"
+    assert windows[windows.index("--stability-percentage") + 1] == "1000"
     with pytest.raises(ValueError):
         perf_analyzer.LoadSettings(concurrency=4, request_count=2)
+    with pytest.raises(ValueError, match="windows >= 3"):
+        perf_analyzer.LoadSettings(concurrency=1, windows=2)
 
 
 # -- input data ----------------------------------------------------------------------------------------------------
@@ -184,6 +188,12 @@ def test_results_round_trip_and_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
 
 
+def test_server_environment_assignments() -> None:
+    assert sweep.parse_env(["OMP_NUM_THREADS=1", "A=b=c"]) == {"OMP_NUM_THREADS": "1", "A": "b=c"}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        sweep.parse_env(["OMP_NUM_THREADS"])
+
+
 def test_mean_encoder_batch_from_statistics_deltas() -> None:
     assert sweep.mean_batch((10, 10), (22, 16)) == 2.0
     assert sweep.mean_batch(None, (1, 1)) is None and sweep.mean_batch((5, 5), (5, 5)) is None
@@ -208,7 +218,7 @@ def test_short_bounded_sweep_against_the_server(triton_server, tmp_path: Path, c
         inputs.load_audio_clips([ROOT / "tests" / "fixtures" / "audio" / "speech_en.wav"])[0].samples[:2 * SAMPLE_RATE]))
     data = inputs.write_input_data([clip], tmp_path / "speech_2s.json")
     code = sweep.main(["--url", triton_server.grpc_url, "--input-data", str(data), "--concurrency", "1,2",
-                       "--requests-per-level", "4", "--level-timeout", "180", "--time-budget", "600",
+                       "--window-ms", "1500", "--time-budget", "600",
                        "--in-process", triton_server.checkpoint, "--in-process-budget", "1",
                        "--out-dir", str(tmp_path / "out")])
     printed = capsys.readouterr().out

@@ -185,21 +185,32 @@ def _in_loader_cache(soname: str) -> bool:
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """How one perf_analyzer run measures: a fixed number of requests (bounded), or stable time windows."""
+    """How one perf_analyzer run measures: `windows` time windows of `window_ms` (default), or a request count.
+
+    In time-window mode the report covers the last three windows. perf_analyzer normally keeps measuring until
+    three windows agree within `stability_percentage` and fails after `windows` tries; the default of 1000 %
+    accepts any spread, so that a run on a busy machine ends after exactly three windows instead of failing.
+    Request-count mode reports a throughput rounded by perf_analyzer's one-second polling (coarse for short runs).
+    """
 
     concurrency: int
+    window_ms: int = 5000
+    windows: int = 3
+    stability_percentage: float = 1000.0
     request_count: int | None = None
-    measurement_interval_ms: int = 5000
-    stability_percentage: float = 50.0
-    max_trials: int = 4
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.request_count is not None and self.request_count < self.concurrency:
             raise ValueError(f"request_count ({self.request_count}) must be >= concurrency ({self.concurrency})")
-        if self.measurement_interval_ms < 100 or self.max_trials < 1 or self.stability_percentage <= 0:
-            raise ValueError("need measurement_interval_ms >= 100, max_trials >= 1, stability_percentage > 0")
+        if self.window_ms < 100 or self.windows < 3 or self.stability_percentage <= 0:
+            raise ValueError("need window_ms >= 100, windows >= 3 (perf_analyzer compares three), "
+                             "stability_percentage > 0")
+
+    def time_limit_s(self) -> float:
+        """A generous bound on the run in time-window mode (startup, windows, draining the last requests)."""
+        return 60.0 + 2.5 * self.windows * self.window_ms / 1000
 
 
 def command_arguments(model: str, url: str, protocol: str, input_data: str | os.PathLike, csv_path: str | os.PathLike,
@@ -216,9 +227,9 @@ def command_arguments(model: str, url: str, protocol: str, input_data: str | os.
         arguments += ["--request-count", str(settings.request_count)]
     else:
         arguments += ["--measurement-mode", "time_windows",
-                      "--measurement-interval", str(settings.measurement_interval_ms),
+                      "--measurement-interval", str(settings.window_ms),
                       "--stability-percentage", f"{settings.stability_percentage:g}",
-                      "--max-trials", str(settings.max_trials)]
+                      "--max-trials", str(settings.windows)]
     return arguments
 
 

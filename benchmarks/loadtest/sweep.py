@@ -54,6 +54,14 @@ class ClipSet:
         return float(np.mean([clip.seconds for clip in self.clips]))
 
 
+def env_assignment(text: str) -> str:
+    try:
+        parse_env([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def parse_concurrency(text: str) -> list[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or any(v < 1 for v in values):
@@ -71,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start `python -m parakeet_triton.serve --checkpoint CHECKPOINT` on free loopback ports")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra parakeet-serve argument (repeatable), e.g. --serve-arg=--max-batch-size=8")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE", type=env_assignment,
+                        help="environment variable for the server only (repeatable), e.g. OMP_NUM_THREADS=1")
     parser.add_argument("--serve-timeout", type=float, default=900.0, help="seconds to wait for readiness")
     clips = parser.add_mutually_exclusive_group()
     clips.add_argument("--durations", type=parse_durations, default=[2.0, 5.0, 12.0],
@@ -78,11 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     clips.add_argument("--audio", nargs="+", help="real recordings, one clip set each")
     clips.add_argument("--input-data", nargs="+", type=Path, help="ready perf_analyzer input-data JSON files")
     parser.add_argument("--concurrency", type=parse_concurrency, default=[1, 2, 4], help="levels (default 1,2,4)")
+    parser.add_argument("--window-ms", type=int, default=5000,
+                        help="perf_analyzer measurement window; each level reports its last three (default 5000)")
     parser.add_argument("--requests-per-level", type=int, default=None,
-                        help="requests per concurrency level (default: 6 x concurrency, at least 12)")
-    parser.add_argument("--time-windows-ms", type=int, default=None,
-                        help="instead of a request count, measure in stable time windows of this length")
-    parser.add_argument("--level-timeout", type=float, default=300.0, help="kill a perf_analyzer run after this")
+                        help="instead of time windows, send this many requests per level (coarse throughput)")
+    parser.add_argument("--level-timeout", type=float, default=None,
+                        help="kill a perf_analyzer run after this many seconds (default: from the window length)")
     parser.add_argument("--time-budget", type=float, default=1800.0,
                         help="skip the remaining levels once the sweep has run this many seconds")
     parser.add_argument("--in-process", metavar="CHECKPOINT",
@@ -120,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "perf_analyzer": analyzer.version(),
         "checkpoint": checkpoint,
+        "server_env": parse_env(args.serve_env),
         "concurrency": args.concurrency,
     }
     _say(f"{meta['perf_analyzer']} at {analyzer.executable}; results in {out_dir}")
@@ -133,13 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.serve:
             server = ServerProcess.start(args.serve, args.serve_arg, out_dir / "server.log",
-                                         max_seconds=max(c.seconds for s in clip_sets for c in s.clips))
+                                         max_seconds=max(c.seconds for s in clip_sets for c in s.clips),
+                                         env=parse_env(args.serve_env))
             server.wait_ready(args.serve_timeout)
             url = server.grpc_url
         else:
             url = args.url
         meta["url"] = url
-        warm_up(url, clip_sets, args.level_timeout)
+        warm_up(url, clip_sets, args.level_timeout or 600.0)
         deadline = started + args.time_budget
         for clip_set in clip_sets:  # served then in-process per clip set, so that both see the same conditions
             served += sweep(analyzer, url, clip_set, args, out_dir, deadline)
@@ -219,16 +232,14 @@ def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, arg
 
 def run_level(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, concurrency: int,
               args: argparse.Namespace, out_dir: Path, statistics_client: object) -> report.ServedResult:
-    requests = args.requests_per_level or max(12, 6 * concurrency)
     settings = perf_analyzer.LoadSettings(
-        concurrency=concurrency,
-        request_count=None if args.time_windows_ms else max(requests, concurrency),
-        measurement_interval_ms=args.time_windows_ms or 5000)
+        concurrency=concurrency, window_ms=args.window_ms,
+        request_count=max(args.requests_per_level, concurrency) if args.requests_per_level else None)
     stem = out_dir / f"perf_{clip_set.label}_c{concurrency}"
     arguments = perf_analyzer.command_arguments(ENSEMBLE_MODEL, url, "grpc", clip_set.input_data,
                                                 stem.with_suffix(".csv"), settings)
     before = encoder_counts(statistics_client)
-    completed = analyzer.run(arguments, timeout_s=args.level_timeout)
+    completed = analyzer.run(arguments, timeout_s=args.level_timeout or settings.time_limit_s())
     after = encoder_counts(statistics_client)
     stem.with_suffix(".log").write_text(f"$ perf_analyzer {' '.join(arguments)}\n"
                                         f"{completed.stdout}\n{completed.stderr}")
@@ -284,6 +295,17 @@ def measure_in_process(model: object, clip_set: ClipSet, batch_size: int,
     return results
 
 
+def parse_env(assignments: Sequence[str]) -> dict[str, str]:
+    """`["NAME=VALUE", ...]` as a dict; a malformed entry is an error."""
+    env = {}
+    for assignment in assignments:
+        name, separator, value = assignment.partition("=")
+        if not separator or not name:
+            raise ValueError(f"expected NAME=VALUE, got {assignment!r}")
+        env[name] = value
+    return env
+
+
 def is_loopback(url: str) -> bool:
     """Whether host:port names this machine (127.0.0.0/8, ::1, or a name resolving only to those)."""
     host = url.split("://")[-1].rsplit(":", 1)[0].strip("[]") if ":" in url else url
@@ -314,14 +336,18 @@ class ServerProcess:
         self.log_path = log_path
 
     @classmethod
-    def start(cls, checkpoint: str, extra_args: Sequence[str], log_path: Path, max_seconds: float) -> "ServerProcess":
+    def start(cls, checkpoint: str, extra_args: Sequence[str], log_path: Path, max_seconds: float,
+              env: dict[str, str] | None = None) -> "ServerProcess":
         http_port, grpc_port, metrics_port = free_ports(3)
         command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
                    "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
                    "--max-audio-seconds", f"{max(60.0, max_seconds + 1):g}", *extra_args]
-        _say(f"starting server: {' '.join(shlex.quote(c) for c in command)} (log {log_path})")
+        env = env or {}
+        settings = "".join(f"{name}={shlex.quote(value)} " for name, value in env.items())
+        _say(f"starting server: {settings}{' '.join(shlex.quote(c) for c in command)} (log {log_path})")
         log = open(log_path, "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, **env})
         log.close()
         return cls(process, f"127.0.0.1:{grpc_port}", log_path)
 
