@@ -186,6 +186,19 @@ def test_results_round_trip_and_plot(tmp_path: Path) -> None:
     assert report.read_results(tmp_path / "results.json") == (served, local, {"command": "x"})
     png = report.plot(tmp_path / "plot.png", served, local)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+    assert report.main([str(tmp_path / "results.json"), str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_plot_title() -> None:
+    meta = {"checkpoint": "/x/v3_small.nemo", "cpus": 2, "server_env": {"OMP_NUM_THREADS": "1"}}
+    assert report.plot_title(meta) == "v3_small.nemo, 2 CPUs, server OMP_NUM_THREADS=1: RTFx against p95 latency"
+
+
+def test_window_grows_with_latency_and_concurrency() -> None:
+    assert sweep.window_ms_for(3000, 0.05, 8) == 3000
+    assert sweep.window_ms_for(3000, 2.0, 2) == 12000
+    assert sweep.window_ms_for(3000, 1.1, 1) == 4000
 
 
 def test_server_environment_assignments() -> None:

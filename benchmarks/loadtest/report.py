@@ -158,3 +158,29 @@ def plot(path: str | Path, served: Sequence[ServedResult], in_process: Sequence[
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_title(meta: dict) -> str:
+    """`<checkpoint file>, <n> CPUs[, server env]: RTFx against p95 latency`."""
+    checkpoint = Path(str(meta.get("checkpoint") or meta.get("url") or "parakeet")).name
+    env = " ".join(f"{name}={value}" for name, value in (meta.get("server_env") or {}).items())
+    return f"{checkpoint}, {meta.get('cpus', '?')} CPUs{', server ' + env if env else ''}: RTFx against p95 latency"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Re-print the tables of a results.json and redraw its plot: `python -m benchmarks.loadtest.report R [PNG]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("plot", type=Path, nargs="?")
+    args = parser.parse_args(argv)
+    served, local, meta = read_results(args.results)
+    print(markdown_tables(served, local))
+    if args.plot:
+        plot(args.plot, served, local, title=plot_title(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,7 @@ import base64
 import datetime
 import ipaddress
 import json
+import math
 import os
 import shlex
 import signal
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     clips.add_argument("--input-data", nargs="+", type=Path, help="ready perf_analyzer input-data JSON files")
     parser.add_argument("--concurrency", type=parse_concurrency, default=[1, 2, 4], help="levels (default 1,2,4)")
     parser.add_argument("--window-ms", type=int, default=5000,
-                        help="perf_analyzer measurement window; each level reports its last three (default 5000)")
+                        help="perf_analyzer measurement window, at least 3 x (warm latency) x concurrency; each level "
+                             "reports its last three windows (default 5000)")
     parser.add_argument("--requests-per-level", type=int, default=None,
                         help="instead of time windows, send this many requests per level (coarse throughput)")
     parser.add_argument("--level-timeout", type=float, default=None,
@@ -152,10 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             url = args.url
         meta["url"] = url
-        warm_up(url, clip_sets, args.level_timeout or 600.0)
+        latencies = warm_up(url, clip_sets, args.level_timeout or 600.0)
+        meta["warm_latency_s"] = latencies
         deadline = started + args.time_budget
         for clip_set in clip_sets:  # served then in-process per clip set, so that both see the same conditions
-            served += sweep(analyzer, url, clip_set, args, out_dir, deadline)
+            served += sweep(analyzer, url, clip_set, args, out_dir, deadline, latencies[clip_set.label])
             if model is not None and time.monotonic() < deadline:
                 local += measure_in_process(model, clip_set, batch_size, args.in_process_budget)
     except (perf_analyzer.PerfAnalyzerError, RuntimeError, TimeoutError) as error:
@@ -174,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = [out_dir / "results.json", out_dir / "table.md"]
     if served or local:
         try:
-            written.append(report.plot(out_dir / "throughput_vs_p95.png", served, local))
+            written.append(report.plot(out_dir / "throughput_vs_p95.png", served, local,
+                                       title=report.plot_title(meta)))
         except ImportError:
             _say("matplotlib is not installed (pip install matplotlib): no plot")
     print(table)
@@ -205,15 +209,26 @@ def read_input_clips(path: Path) -> list[Clip]:
     return clips
 
 
-def warm_up(url: str, clip_sets: Sequence[ClipSet], timeout_s: float) -> None:
-    """One untimed request per clip set, so that first-call costs stay out of the figures."""
+def warm_up(url: str, clip_sets: Sequence[ClipSet], timeout_s: float) -> dict[str, float]:
+    """Two requests per clip set; first-call costs stay out of the figures. Returns the second's seconds."""
+    latencies = {}
     with ParakeetClient(url, timeout=timeout_s) as client:
         for clip_set in clip_sets:
             client.transcribe(clip_set.clips[0].samples)
+            started = time.perf_counter()
+            client.transcribe(clip_set.clips[0].samples)
+            latencies[clip_set.label] = time.perf_counter() - started
+    return latencies
+
+
+def window_ms_for(requested_ms: int, latency_s: float, concurrency: int) -> int:
+    """A window long enough for several requests to start and finish in it: at least 3 x latency x concurrency
+    (perf_analyzer fails a window in which no request completed)."""
+    return max(requested_ms, int(math.ceil(3000 * latency_s * concurrency / 1000.0)) * 1000)
 
 
 def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, args: argparse.Namespace,
-          out_dir: Path, deadline: float) -> list[report.ServedResult]:
+          out_dir: Path, deadline: float, latency_s: float) -> list[report.ServedResult]:
     """perf_analyzer at each concurrency level for one clip set; the encoder's mean batch from statistics."""
     import tritonclient.grpc as grpcclient
 
@@ -224,16 +239,18 @@ def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, arg
             if time.monotonic() > deadline:
                 _say(f"time budget spent: skipping {clip_set.label} at concurrency {concurrency} and above")
                 break
-            results.append(run_level(analyzer, url, clip_set, concurrency, args, out_dir, statistics_client))
+            window_ms = window_ms_for(args.window_ms, latency_s, concurrency)
+            results.append(run_level(analyzer, url, clip_set, concurrency, window_ms, args, out_dir,
+                                     statistics_client))
     finally:
         statistics_client.close()
     return results
 
 
-def run_level(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, concurrency: int,
+def run_level(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, concurrency: int, window_ms: int,
               args: argparse.Namespace, out_dir: Path, statistics_client: object) -> report.ServedResult:
     settings = perf_analyzer.LoadSettings(
-        concurrency=concurrency, window_ms=args.window_ms,
+        concurrency=concurrency, window_ms=window_ms,
         request_count=max(args.requests_per_level, concurrency) if args.requests_per_level else None)
     stem = out_dir / f"perf_{clip_set.label}_c{concurrency}"
     arguments = perf_analyzer.command_arguments(ENSEMBLE_MODEL, url, "grpc", clip_set.input_data,
