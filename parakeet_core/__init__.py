@@ -3,12 +3,12 @@
 from .audio import check_waveform, load_audio
 from .checkpoint import DEFAULT_CHECKPOINT, read_nemo, resolve_checkpoint
 from .config import ModelConfig
-from .errors import CheckpointError, ConcurrentUseError, InvalidAudioError, ParakeetError, UnsupportedConfigError
+from .errors import CheckpointError, InvalidAudioError, ParakeetError, UnsupportedConfigError
 from .model import STAGES, ParakeetTDT, from_pretrained
 from .types import Hypothesis, TimedText, Transcript
 
 __all__ = [
-    "DEFAULT_CHECKPOINT", "STAGES", "CheckpointError", "ConcurrentUseError", "Hypothesis", "InvalidAudioError",
+    "DEFAULT_CHECKPOINT", "STAGES", "CheckpointError", "Hypothesis", "InvalidAudioError",
     "ModelConfig", "ParakeetError", "ParakeetTDT", "TimedText", "Transcript", "UnsupportedConfigError",
     "check_waveform", "from_pretrained", "load_audio", "read_nemo", "resolve_checkpoint",
 ]

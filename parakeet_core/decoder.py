@@ -15,6 +15,7 @@ captured into a CUDA graph on the GPU, where the host checks for completion only
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,34 @@ from torch import nn
 
 from .config import DecoderConfig
 from .types import Hypothesis
+
+
+_thread_setting_lock = threading.Lock()
+_single_thread_users = 0
+_saved_thread_count = 1
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """Run the CPU label loop on one intra-op thread, restoring the process-wide setting after the last user.
+
+    The loop is hundreds of tiny operations; a second intra-op thread only adds hand-off latency (milliseconds
+    per operation when another process holds the other core). The setting is process-wide, so concurrent
+    decodes share one save/restore.
+    """
+    global _single_thread_users, _saved_thread_count
+    with _thread_setting_lock:
+        if _single_thread_users == 0:
+            _saved_thread_count = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_thread_users += 1
+    try:
+        yield
+    finally:
+        with _thread_setting_lock:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                torch.set_num_threads(_saved_thread_count)
 
 
 class PredictionNetwork(nn.Module):
@@ -223,15 +252,9 @@ class TDTGreedyDecoder(nn.Module):
             max(1, steps * self.config.max_symbols), encoder_output.dtype, encoder_output.device,
         )
         self._reset(state, encoder_output, lengths)
-        # The loop is hundreds of tiny operations; on the CPU a second intra-op thread only adds hand-off latency
-        # (milliseconds per operation when another process holds the other core), so it runs on one thread.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with _one_intra_op_thread():
             while bool(state.active.any()):
                 self.step(state)
-        finally:
-            torch.set_num_threads(threads)
         return self._hypotheses(state, batch)
 
     def _decode_graphed(self, encoder_output: torch.Tensor, lengths: torch.Tensor) -> list[Hypothesis]:

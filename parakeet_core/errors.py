@@ -15,7 +15,3 @@ class UnsupportedConfigError(CheckpointError):
 
 class InvalidAudioError(ParakeetError, ValueError):
     """The audio given for transcription is unusable (empty, not finite, wrong type, too long...)."""
-
-
-class ConcurrentUseError(ParakeetError, RuntimeError):
-    """A model instance's GPU decoder was entered from two threads at once."""

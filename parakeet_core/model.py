@@ -202,8 +202,11 @@ def from_pretrained(source: str | os.PathLike = DEFAULT_CHECKPOINT, *, device: s
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ParakeetError("device 'cuda' was requested but CUDA is not available")
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(names)}")
+        dtype = names[dtype]
     dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(source, cache_dir=cache_dir)
     model = ParakeetTDT(read_nemo(path), device=device, dtype=dtype, stages=stages or STAGES)

@@ -169,3 +169,15 @@ def test_digital_silence_is_batch_invariant(model, fixture, padding):
     longer = np.zeros(len(silence) + padding, dtype=np.float32)
     batch = model.transcribe([silence, speech, longer[: max(len(silence), len(longer))]], batch_size=3)
     assert batch[0] == alone
+
+
+def test_concurrent_transcribe_on_one_instance_is_safe(model, fixture):
+    import concurrent.futures
+
+    clips = ["speech_en", "speech_de", "noise", "short"]
+    expected = [fixture.reference["clips"][c]["text"] for c in clips]
+    threads_before = torch.get_num_threads()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda c: model.transcribe(fixture.clip_samples(c)).text, clips * 2))
+    assert texts == expected * 2
+    assert torch.get_num_threads() == threads_before
