@@ -201,6 +201,19 @@ def test_window_grows_with_latency_and_concurrency() -> None:
     assert sweep.window_ms_for(3000, 1.1, 1) == 4000
 
 
+def test_a_failed_level_keeps_the_levels_before_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def fake_level(analyzer, url, clip_set, concurrency, *rest):
+        if concurrency > 1:
+            raise perf_analyzer.PerfAnalyzerError("No valid requests recorded within time interval")
+        return report.ServedResult(clip_set.label, 1.0, concurrency, 2.0, 10, 20, 30, 1.0)
+
+    monkeypatch.setattr(sweep, "run_level", fake_level)
+    clip_set = sweep.ClipSet("x", tmp_path / "x.json", (inputs.Clip("x", np.zeros(16000, dtype=np.float32)),))
+    args = sweep.build_parser().parse_args(["--concurrency", "1,2,4"])
+    levels, failure = sweep.sweep(None, "127.0.0.1:1", clip_set, args, tmp_path, deadline=1e12, latency_s=0.1)
+    assert [r.concurrency for r in levels] == [1] and "No valid requests" in failure
+
+
 def test_server_environment_assignments() -> None:
     assert sweep.parse_env(["OMP_NUM_THREADS=1", "A=b=c"]) == {"OMP_NUM_THREADS": "1", "A": "b=c"}
     with pytest.raises(ValueError, match="NAME=VALUE"):

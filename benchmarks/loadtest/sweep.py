@@ -158,7 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta["warm_latency_s"] = latencies
         deadline = started + args.time_budget
         for clip_set in clip_sets:  # served then in-process per clip set, so that both see the same conditions
-            served += sweep(analyzer, url, clip_set, args, out_dir, deadline, latencies[clip_set.label])
+            levels, failure = sweep(analyzer, url, clip_set, args, out_dir, deadline, latencies[clip_set.label])
+            served += levels
+            if failure:
+                print(f"error: {failure}", file=sys.stderr)
+                exit_code = 1
             if model is not None and time.monotonic() < deadline:
                 local += measure_in_process(model, clip_set, batch_size, args.in_process_budget)
     except (perf_analyzer.PerfAnalyzerError, RuntimeError, TimeoutError) as error:
@@ -228,8 +232,11 @@ def window_ms_for(requested_ms: int, latency_s: float, concurrency: int) -> int:
 
 
 def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, args: argparse.Namespace,
-          out_dir: Path, deadline: float, latency_s: float) -> list[report.ServedResult]:
-    """perf_analyzer at each concurrency level for one clip set; the encoder's mean batch from statistics."""
+          out_dir: Path, deadline: float, latency_s: float) -> tuple[list[report.ServedResult], str | None]:
+    """perf_analyzer at each concurrency level for one clip set; the encoder's mean batch from statistics.
+
+    Returns the levels measured and, when a perf_analyzer run failed (the higher levels are then skipped), why.
+    """
     import tritonclient.grpc as grpcclient
 
     results = []
@@ -240,11 +247,14 @@ def sweep(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, arg
                 _say(f"time budget spent: skipping {clip_set.label} at concurrency {concurrency} and above")
                 break
             window_ms = window_ms_for(args.window_ms, latency_s, concurrency)
-            results.append(run_level(analyzer, url, clip_set, concurrency, window_ms, args, out_dir,
-                                     statistics_client))
+            try:
+                results.append(run_level(analyzer, url, clip_set, concurrency, window_ms, args, out_dir,
+                                         statistics_client))
+            except perf_analyzer.PerfAnalyzerError as error:
+                return results, str(error)
     finally:
         statistics_client.close()
-    return results
+    return results, None
 
 
 def run_level(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet, concurrency: int, window_ms: int,
