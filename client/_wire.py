@@ -110,3 +110,23 @@ def error_message(error: BaseException) -> str:
     if isinstance(error, InferenceServerException):
         return str(error.message())
     return str(error) or type(error).__name__
+
+
+def timeout_kwargs(protocol: str, timeout: float) -> dict[str, float]:
+    """tritonclient call arguments for a per-call timeout (gRPC takes one per call; HTTP's is set on the client)."""
+    return {"client_timeout": timeout} if protocol == "grpc" else {}
+
+
+def json_kwargs(protocol: str, timeout: float) -> dict[str, Any]:
+    """gRPC answers protobuf unless asked for JSON; HTTP always answers JSON."""
+    return {"as_json": True, **timeout_kwargs(protocol, timeout)} if protocol == "grpc" else {}
+
+
+def limit_unknown_for_now(error: Exception) -> bool:
+    """While fetching the model configs: True if the server could not be asked (ask again later), False if it
+    answered with an error (that model states no limit); anything else is a bug and is re-raised."""
+    if retry_reason(error) is not None:
+        return True
+    if not isinstance(error, InferenceServerException):
+        raise error
+    return False

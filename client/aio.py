@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Iterable, Sequence
 
-from tritonclient.utils import InferenceServerException
-
 from parakeet_triton.protocol import ENSEMBLE_MODEL
 
 from . import _wire
 from .audio import AudioClip, AudioInput, load_clip
 from .client import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, Outcome, is_single_item, item_name
-from .retry import RetryPolicy, retry_reason
+from .retry import RetryPolicy
 from .transcript import Transcript
 
 
@@ -101,7 +99,7 @@ class AsyncParakeetClient:
     async def is_ready(self) -> bool:
         """Whether the server answers and the ensemble is loaded (no retries)."""
         try:
-            return bool(await self._client().is_model_ready(self.model, **self._timeout_kwargs()))
+            return bool(await self._client().is_model_ready(self.model, **_wire.timeout_kwargs(self.protocol, self.timeout)))
         except Exception:  # any transport failure means "not ready"
             return False
 
@@ -125,7 +123,7 @@ class AsyncParakeetClient:
         inputs, outputs = _wire.build_request(self._module, clip, timestamps)
         for attempt in range(self.retry.attempts):
             try:
-                result = await self._client().infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
+                result = await self._client().infer(self.model, inputs, outputs=outputs, **_wire.timeout_kwargs(self.protocol, self.timeout))
                 return _wire.parse_response(result, clip, timestamps)
             except Exception as error:
                 await asyncio.sleep(_wire.backoff_or_raise(error, attempt, self.retry, clip.name, self.url))
@@ -135,20 +133,12 @@ class AsyncParakeetClient:
         configs = []
         for model in _wire.MODELS_STATING_THE_LIMIT:
             try:
-                configs.append(await self._client().get_model_config(model, **self._json_kwargs()))
+                configs.append(await self._client().get_model_config(model, **_wire.json_kwargs(self.protocol, self.timeout)))
             except Exception as error:
-                if retry_reason(error) is not None:
+                if _wire.limit_unknown_for_now(error):
                     return None, False  # ask again with the next request
-                if not isinstance(error, InferenceServerException):
-                    raise  # a bug, not an answer from the server
         return _wire.max_audio_seconds_from_configs(configs), True
 
-    def _timeout_kwargs(self) -> dict[str, float]:
-        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-
-    def _json_kwargs(self) -> dict[str, Any]:
-        """gRPC answers protobuf unless asked for JSON; HTTP always answers JSON."""
-        return {"as_json": True, **self._timeout_kwargs()} if self.protocol == "grpc" else {}
 
     def _client(self) -> Any:
         if self._connection is None:

@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
-
 from parakeet_triton.protocol import ENSEMBLE_MODEL
 
 from . import _wire
 from .audio import AudioClip, AudioInput, load_clip
-from .retry import RetryPolicy, retry_reason
+from .retry import RetryPolicy
 from .transcript import Transcript
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -143,7 +141,7 @@ class ParakeetClient:
         """Whether the server answers and the ensemble is loaded (no retries)."""
         try:
             with self._connection() as connection:
-                return bool(connection.is_model_ready(self.model, **self._timeout_kwargs()))
+                return bool(connection.is_model_ready(self.model, **_wire.timeout_kwargs(self.protocol, self.timeout)))
         except Exception:  # any transport failure means "not ready"
             return False
 
@@ -176,7 +174,7 @@ class ParakeetClient:
         for attempt in range(self.retry.attempts):
             try:
                 with self._connection() as connection:
-                    result = connection.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
+                    result = connection.infer(self.model, inputs, outputs=outputs, **_wire.timeout_kwargs(self.protocol, self.timeout))
                 return _wire.parse_response(result, clip, timestamps)
             except Exception as error:
                 time.sleep(_wire.backoff_or_raise(error, attempt, self.retry, clip.name, self.url))
@@ -188,20 +186,12 @@ class ParakeetClient:
         for model in _wire.MODELS_STATING_THE_LIMIT:
             try:
                 with self._connection() as connection:
-                    configs.append(connection.get_model_config(model, **self._json_kwargs()))
+                    configs.append(connection.get_model_config(model, **_wire.json_kwargs(self.protocol, self.timeout)))
             except Exception as error:
-                if retry_reason(error) is not None:
+                if _wire.limit_unknown_for_now(error):
                     return None, False  # ask again with the next request
-                if not isinstance(error, InferenceServerException):
-                    raise  # a bug, not an answer from the server
         return _wire.max_audio_seconds_from_configs(configs), True
 
-    def _timeout_kwargs(self) -> dict[str, float]:
-        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-
-    def _json_kwargs(self) -> dict[str, Any]:
-        """gRPC answers protobuf unless asked for JSON; HTTP always answers JSON."""
-        return {"as_json": True, **self._timeout_kwargs()} if self.protocol == "grpc" else {}
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
