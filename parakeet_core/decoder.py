@@ -8,50 +8,30 @@ The loop follows NeMo's greedy TDT decoding rule for rule, per clip:
   advances by the duration (possibly 0);
 - once `max_symbols` tokens have been emitted on one frame and time has not moved, time advances by 1.
 
-All clips of a batch advance together, one micro-step (a blank or a token per active clip) at a time. The step
-is written with fixed shapes and in-place updates only, so the same function runs eagerly on the CPU and is
-captured into a CUDA graph on the GPU, where the host checks for completion only every `steps_per_replay` steps.
+All clips of a batch advance together, one micro-step (a blank or a token per active clip) at a time. On the GPU
+the step is written with fixed shapes and in-place updates only and is captured into a CUDA graph; the host checks
+for completion only every `steps_per_replay` steps. On the CPU the loop is driven from Python: each micro-step
+scores only the clips still decoding and runs the prediction network only for the clips that emitted a token.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import kernels
 from .config import DecoderConfig
 from .types import Hypothesis
 
 
-_thread_setting_lock = threading.Lock()
-_single_thread_users = 0
-_saved_thread_count = 1
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread():
-    """Run the CPU label loop on one intra-op thread, restoring the process-wide setting after the last user.
-
-    The loop is hundreds of tiny operations; a second intra-op thread only adds hand-off latency (milliseconds
-    per operation when another process holds the other core). The setting is process-wide, so concurrent
-    decodes share one save/restore.
-    """
-    global _single_thread_users, _saved_thread_count
-    with _thread_setting_lock:
-        if _single_thread_users == 0:
-            _saved_thread_count = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _single_thread_users += 1
-    try:
-        yield
-    finally:
-        with _thread_setting_lock:
-            _single_thread_users -= 1
-            if _single_thread_users == 0:
-                torch.set_num_threads(_saved_thread_count)
+def _lstm_cell(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn.LSTM's cell update from the summed gate pre-activations (order i, f, g, o): new (hidden, cell)."""
+    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, dim=-1)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
+    return torch.sigmoid(output_gate) * torch.tanh(cell), cell
 
 
 class PredictionNetwork(nn.Module):
@@ -76,12 +56,10 @@ class PredictionNetwork(nn.Module):
         new_hidden, new_cell = [], []
         for layer in range(lstm.num_layers):
             gates = (
-                nn.functional.linear(x, getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"bias_ih_l{layer}"))
-                + nn.functional.linear(hidden[layer], getattr(lstm, f"weight_hh_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"))
+                kernels.linear(x, getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"bias_ih_l{layer}"))
+                + kernels.linear(hidden[layer], getattr(lstm, f"weight_hh_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"))
             )
-            input_gate, forget_gate, candidate, output_gate = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(forget_gate) * cell[layer] + torch.sigmoid(input_gate) * torch.tanh(candidate)
-            x = torch.sigmoid(output_gate) * torch.tanh(c)
+            x, c = _lstm_cell(gates, cell[layer])
             new_hidden.append(x)
             new_cell.append(c)
         return x, (torch.stack(new_hidden), torch.stack(new_cell))
@@ -92,14 +70,67 @@ class JointNetwork(nn.Module):
 
     def __init__(self, encoder_dim: int, config: DecoderConfig):
         super().__init__()
-        self.enc = nn.Linear(encoder_dim, config.joint_hidden)
-        self.pred = nn.Linear(config.pred_hidden, config.joint_hidden)
+        self.enc = kernels.Linear(encoder_dim, config.joint_hidden)
+        self.pred = kernels.Linear(config.pred_hidden, config.joint_hidden)
         self.joint_net = nn.Sequential(
-            nn.ReLU(), nn.Identity(), nn.Linear(config.joint_hidden, config.vocab_size + 1 + len(config.durations))
+            nn.ReLU(), nn.Identity(), kernels.Linear(config.joint_hidden, config.vocab_size + 1 + len(config.durations))
         )
 
     def logits(self, encoder_projected: torch.Tensor, prediction_projected: torch.Tensor) -> torch.Tensor:
         return self.joint_net(encoder_projected + prediction_projected)
+
+
+class _HostLoopWeights:
+    """The decoder's weights arranged for the host-driven CPU label loop.
+
+    Every product goes through `kernels.fixed_linear` (packed once for oneDNN in fp32), and the first LSTM
+    layer's input product, which depends on the token alone, is precomputed for every token: a token step then
+    streams three of the LSTM's four weight matrices instead of four. Each output row of these products is
+    computed independently of the other rows, so the table rows equal the per-step products exactly.
+    """
+
+    def __init__(self, decoder: "TDTGreedyDecoder"):
+        lstm = decoder.prediction.dec_rnn.lstm
+        joint = decoder.joint
+        output = joint.joint_net[-1]
+        self.layers = lstm.num_layers
+        self.encoder_projection = kernels.fixed_linear(joint.enc.weight, joint.enc.bias)
+        self.prediction_projection = kernels.fixed_linear(joint.pred.weight, joint.pred.bias)
+        self.output = kernels.fixed_linear(output.weight, output.bias)
+        self.input_products = [
+            kernels.fixed_linear(getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"bias_ih_l{layer}"))
+            for layer in range(self.layers)
+        ]
+        self.hidden_products = [
+            kernels.fixed_linear(getattr(lstm, f"weight_hh_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"))
+            for layer in range(self.layers)
+        ]
+        with torch.no_grad():
+            self.first_layer_input = self.input_products[0](decoder.prediction.embed.weight)  # [vocab + 1, 4P]
+        self.blank_id = decoder.config.blank_id
+        self.hidden_size = lstm.hidden_size
+        self.joint_hidden = joint.pred.out_features
+
+    def start(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LSTM hidden and cell [L, B, P] and projected prediction [B, H] after the start symbol (the blank)."""
+        dtype, device = self.first_layer_input.dtype, self.first_layer_input.device
+        hidden = torch.zeros(self.layers, batch, self.hidden_size, dtype=dtype, device=device)
+        cell = torch.zeros_like(hidden)
+        projected = torch.zeros(batch, self.joint_hidden, dtype=dtype, device=device)
+        rows = torch.arange(batch, device=device)
+        self.advance(torch.full((batch,), self.blank_id, dtype=torch.long, device=device), rows, hidden, cell, projected)
+        return hidden, cell, projected
+
+    def advance(self, tokens: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor,
+                projected: torch.Tensor) -> None:
+        """Feed `tokens` to the prediction network for the clips `rows`, updating their state in place."""
+        x = self.first_layer_input[tokens]
+        for layer in range(self.layers):
+            layer_input = x if layer == 0 else self.input_products[layer](x)
+            x, c = _lstm_cell(layer_input + self.hidden_products[layer](hidden[layer, rows]), cell[layer, rows])
+            hidden[layer, rows] = x
+            cell[layer, rows] = c
+        projected[rows] = self.prediction_projection(x)
 
 
 @dataclass
@@ -163,12 +194,19 @@ class TDTGreedyDecoder(nn.Module):
         self.steps_per_replay = steps_per_replay
         self.use_cuda_graph = True
         self._graphs: dict[int, _GraphedLoop] = {}
+        self._host_weights: _HostLoopWeights | None = None
         self._lock = threading.Lock()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the module invalidates everything derived from its weights.
+        self._graphs, self._host_weights = {}, None
+        return super()._apply(fn, *args, **kwargs)
 
     def load_checkpoint(self, decoder_state: dict, joint_state: dict) -> None:
         """Load NeMo's `decoder.prediction.*` and `joint.*` weights (strict)."""
         self.prediction.load_state_dict({k.removeprefix("prediction."): v for k, v in decoder_state.items()})
         self.joint.load_state_dict(joint_state)
+        self._graphs, self._host_weights = {}, None
 
     @torch.no_grad()
     def start_state(self, batch: int, dtype: torch.dtype, device: torch.device):
@@ -217,8 +255,8 @@ class TDTGreedyDecoder(nn.Module):
         s.emits_on_frame.copy_(torch.where(emit, torch.where(same_frame, s.emits_on_frame + 1, 1), s.emits_on_frame))
         s.last_emit_frame.copy_(torch.where(emit, s.time, s.last_emit_frame))
 
-        # On the CPU a host check is free, so blank-only steps skip the prediction network; a CUDA graph
-        # cannot branch, so there every step runs it and keeps the result only where a token was emitted.
+        # A CUDA graph cannot branch: there every step runs the prediction network and keeps its result only
+        # where a token was emitted. Run eagerly elsewhere, blank-only steps skip it.
         if s.time.is_cuda or bool(emit.any()):
             output, (hidden, cell) = self.prediction(token, (s.hidden, s.cell))
             s.prediction_projected.copy_(torch.where(emit[:, None], self.joint.pred(output), s.prediction_projected))
@@ -247,15 +285,71 @@ class TDTGreedyDecoder(nn.Module):
         encoder_output = encoder_output.to(self.joint.enc.weight.dtype)
         if encoder_output.device.type == "cuda" and self.use_cuda_graph:
             return self._decode_graphed(encoder_output, lengths)
+        if encoder_output.device.type == "cpu":
+            return self._decode_on_host(encoder_output, lengths)
+        return self._decode_fixed_shape(encoder_output, lengths)
+
+    def _decode_fixed_shape(self, encoder_output: torch.Tensor, lengths: torch.Tensor) -> list[Hypothesis]:
+        """The graph-capturable `step` run eagerly until every clip is done (any device)."""
+        batch, steps, _ = encoder_output.shape
         state = LoopState.allocate(
             batch, steps, self.config.joint_hidden, self.config.pred_rnn_layers, self.config.pred_hidden,
             max(1, steps * self.config.max_symbols), encoder_output.dtype, encoder_output.device,
         )
         self._reset(state, encoder_output, lengths)
-        with _one_intra_op_thread():
-            while bool(state.active.any()):
-                self.step(state)
+        while bool(state.active.any()):
+            self.step(state)
         return self._hypotheses(state, batch)
+
+    def _decode_on_host(self, encoder_output: torch.Tensor, lengths: torch.Tensor) -> list[Hypothesis]:
+        """The label loop driven from Python, for the CPU, where reading results on the host costs nothing.
+
+        Same rule as `step`, but each micro-step computes the joint only for the clips still decoding and the
+        prediction network only for the clips that emitted a token, instead of fixed-shape work for all.
+        """
+        cfg = self.config
+        with self._lock:
+            if self._host_weights is None:
+                self._host_weights = _HostLoopWeights(self)
+            weights = self._host_weights
+        vocab_and_blank = cfg.vocab_size + 1
+        batch = encoder_output.shape[0]
+        encoder_projected = weights.encoder_projection(encoder_output)
+        hidden, cell, prediction_projected = weights.start(batch)
+        limits = lengths.tolist()
+        time = [0] * batch
+        last_emit_frame = [-1] * batch
+        emits_on_frame = [0] * batch
+        hypotheses = [Hypothesis([], [], []) for _ in range(batch)]
+        active = [clip for clip in range(batch) if limits[clip] > 0]
+        while active:
+            rows = torch.tensor(active)
+            frames = torch.tensor([time[clip] for clip in active])
+            joint_input = encoder_projected[rows, frames] + prediction_projected[rows]
+            logits = weights.output(torch.relu(joint_input))
+            tokens = logits[:, :vocab_and_blank].argmax(dim=-1).tolist()
+            durations = logits[:, vocab_and_blank:].argmax(dim=-1).tolist()
+            emitted = []
+            for position, clip in enumerate(active):
+                token, duration = tokens[position], cfg.durations[durations[position]]
+                if token == cfg.blank_id:
+                    time[clip] += max(duration, 1)
+                    continue
+                hypothesis = hypotheses[clip]
+                hypothesis.token_ids.append(token)
+                hypothesis.token_frames.append(time[clip])
+                hypothesis.token_durations.append(duration)
+                emits_on_frame[clip] = emits_on_frame[clip] + 1 if last_emit_frame[clip] == time[clip] else 1
+                last_emit_frame[clip] = time[clip]
+                time[clip] += duration
+                if emits_on_frame[clip] >= cfg.max_symbols and time[clip] == last_emit_frame[clip]:
+                    time[clip] += 1
+                emitted.append(position)
+            if emitted:
+                weights.advance(torch.tensor([tokens[p] for p in emitted]), rows[emitted], hidden, cell,
+                                prediction_projected)
+            active = [clip for clip in active if time[clip] < limits[clip]]
+        return hypotheses
 
     def _decode_graphed(self, encoder_output: torch.Tensor, lengths: torch.Tensor) -> list[Hypothesis]:
         batch, steps, _ = encoder_output.shape

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import kernels
 from .config import EncoderConfig
 
 _MASKED_SCORE = -10000.0
@@ -43,7 +44,7 @@ class DepthwiseStridingSubsampling(nn.Module):
         frequencies = config.feat_in
         for _ in range(config.subsampling_layers):
             frequencies = (frequencies - 1) // 2 + 1
-        self.out = nn.Linear(channels * frequencies, config.d_model)
+        self.out = kernels.Linear(channels * frequencies, config.d_model)
 
     @staticmethod
     def strided_length(lengths: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,8 @@ class RelativePositionalEncoding(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, bias: bool):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.linear1 = kernels.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = kernels.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(F.silu(self.linear1(x)))
@@ -105,11 +106,11 @@ class RelPositionSelfAttention(nn.Module):
         super().__init__()
         self.heads = n_heads
         self.head_dim = d_model // n_heads
-        self.linear_q = nn.Linear(d_model, d_model, bias=bias)
-        self.linear_k = nn.Linear(d_model, d_model, bias=bias)
-        self.linear_v = nn.Linear(d_model, d_model, bias=bias)
-        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
-        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.linear_q = kernels.Linear(d_model, d_model, bias=bias)
+        self.linear_k = kernels.Linear(d_model, d_model, bias=bias)
+        self.linear_v = kernels.Linear(d_model, d_model, bias=bias)
+        self.linear_out = kernels.Linear(d_model, d_model, bias=bias)
+        self.linear_pos = kernels.Linear(d_model, d_model, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
 
@@ -146,11 +147,16 @@ class ConvolutionModule(nn.Module):
         self.batch_norm = nn.BatchNorm1d(d_model)
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, kernel_size=1, bias=bias)
 
+    @staticmethod
+    def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+        """A kernel-size-1 convolution applied to [B, T, C] as the matrix product it is."""
+        return kernels.linear(x, conv.weight[..., 0], conv.bias)
+
     def forward(self, x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
-        x = x.masked_fill(padded[:, None, :], 0.0)
-        x = F.silu(self.batch_norm(self.depthwise_conv(x)))
-        return self.pointwise_conv2(x).transpose(1, 2)
+        x = F.glu(self._pointwise(self.pointwise_conv1, x), dim=-1)
+        x = x.masked_fill(padded[:, :, None], 0.0).transpose(1, 2)
+        x = F.silu(self.batch_norm(self.depthwise_conv(x))).transpose(1, 2)
+        return self._pointwise(self.pointwise_conv2, x)
 
 
 class ConformerLayer(nn.Module):

@@ -124,3 +124,39 @@ def test_transcribe_files_equals_nemo_transcribe(name):
     clips = list(fixture.reference["transcribe"])
     transcripts = model.transcribe([str(fixture.clip_path(c)) for c in clips], batch_size=4)
     assert [t.text for t in transcripts] == [fixture.reference["transcribe"][c]["text"] for c in clips]
+
+
+def _mixed_batch_encoded(name):
+    fixture, model = load_fixture(name), load_model(name)
+    waveforms = [torch.from_numpy(fixture.clip_samples(clip)) for clip in fixture.reference["batch"]["order"]]
+    lengths = torch.tensor([len(w) for w in waveforms])
+    padded = torch.nn.utils.rnn.pad_sequence(waveforms, batch_first=True)
+    return model.encode(*model.featurize(padded, lengths))
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixed_shape_loop_equals_host_loop(name):
+    """The GPU's graph-capturable step, run eagerly on the CPU, decodes as the CPU's host-driven loop does."""
+    decoder = load_model(name).decoder
+    encoded, encoded_lengths = _mixed_batch_encoded(name)
+    with torch.inference_mode():
+        fixed_shape = decoder._decode_fixed_shape(encoded, encoded_lengths)
+    assert fixed_shape == decoder(encoded, encoded_lengths)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_without_onednn_tokens_still_equal_nemo(name, monkeypatch):
+    """With oneDNN switched off (builds without it, or PARAKEET_ONEDNN=0) every product is F.linear."""
+    import parakeet_core
+    from parakeet_core import kernels
+
+    monkeypatch.setattr(kernels, "onednn_available", lambda: False)
+    fixture = load_fixture(name)
+    model = parakeet_core.from_pretrained(fixture.checkpoint, device="cpu")
+    clips = fixture.reference["batch"]["order"]
+    transcripts = model.transcribe([fixture.clip_samples(clip) for clip in clips], batch_size=len(clips))
+    for clip, transcript in zip(clips, transcripts):
+        expected = fixture.reference["clips"][clip]
+        assert transcript.token_ids == expected["tokens"], clip
+        assert transcript.token_frames == expected["frames"], clip
+        assert transcript.token_durations == expected["durations"], clip
