@@ -93,6 +93,9 @@ def worker(kind: str, checkpoint: str, clip: str, repeats: int, batches: list[in
     result["single_seconds"] = statistics.median(times)
     if kind == "parakeet_core":
         result["tokens"] = len(first)
+        waveform = torch.from_numpy(samples)[None]
+        _, encoded_lengths = model.encode(*model.featurize(waveform, torch.tensor([len(samples)])))
+        result["encoder_frames"] = int(encoded_lengths[0])
         rows = {}
         for batch in batches:
             clips = [samples[(i * 1600) % 16000 :] for i in range(batch)]
@@ -158,6 +161,10 @@ def main() -> int:
 
     print(f"\n## CPU, fp32, {args.threads} threads, {args.clip_seconds:.0f} s clip, full-size v3 config "
           f"({args.checkpoint.name}), median of {args.repeats}\n")
+    if results.get("parakeet_core"):
+        ours_ = results["parakeet_core"]
+        print(f"Decoded: {ours_['tokens']} tokens in {ours_['encoder_frames']} encoder frames "
+              f"({ours_['tokens'] / ours_['encoder_frames']:.2f} tokens per frame; real speech gives about 0.4)\n")
     print("| implementation | warm single-stream s | RTFx | cold start s (new process to first transcript) | peak RSS GiB |")
     print("|---|---|---|---|---|")
     ours = results["parakeet_core"]

@@ -195,7 +195,15 @@ class TDTGreedyDecoder(nn.Module):
         self.use_cuda_graph = True
         self._graphs: dict[int, _GraphedLoop] = {}
         self._host_weights: _HostLoopWeights | None = None
+        self._host_weights_key: tuple = ()
         self._lock = threading.Lock()
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever a parameter is replaced or modified in place (the host loop's weights are derived)."""
+        try:
+            return tuple((p.data_ptr(), p._version) for p in self.parameters())
+        except RuntimeError:  # parameters created under inference_mode carry no version counter
+            return tuple(p.data_ptr() for p in self.parameters())
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting the module invalidates everything derived from its weights.
@@ -308,9 +316,10 @@ class TDTGreedyDecoder(nn.Module):
         prediction network only for the clips that emitted a token, instead of fixed-shape work for all.
         """
         cfg = self.config
+        key = self._weights_key()
         with self._lock:
-            if self._host_weights is None:
-                self._host_weights = _HostLoopWeights(self)
+            if self._host_weights is None or self._host_weights_key != key:
+                self._host_weights, self._host_weights_key = _HostLoopWeights(self), key
             weights = self._host_weights
         vocab_and_blank = cfg.vocab_size + 1
         batch = encoder_output.shape[0]

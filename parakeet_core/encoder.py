@@ -50,7 +50,8 @@ class DepthwiseStridingSubsampling(nn.Module):
     def strided_length(lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(lengths - 1, 2, rounding_mode="floor") + 1
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _convolutions(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, T, F] to [B, T', C * F'] (zero past each clip's new length) and the new lengths."""
         x = features.unsqueeze(1)  # [B, 1, T, F]
         mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
         x = x * mask
@@ -61,7 +62,31 @@ class DepthwiseStridingSubsampling(nn.Module):
                 mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
             x = x * mask
         batch, channels, steps, frequencies = x.shape
-        return self.out(x.transpose(1, 2).reshape(batch, steps, channels * frequencies)), lengths
+        return x.transpose(1, 2).reshape(batch, steps, channels * frequencies), lengths
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if features.device.type != "cpu" or features.shape[0] == 1:
+            x, lengths = self._convolutions(features, lengths)
+            return self.out(x), lengths
+        # On the CPU the first convolutions' outputs (channels x T/2 x F/2 per clip, 40 MB for 12 s) outgrow the
+        # caches when batched: one clip at a time, cropped to its length, is faster and needs far less memory.
+        # A clip's frames are the same either way (zero padding past its end, as the batch's masks give).
+        steps = self._strided_steps(features.shape[1])
+        out_lengths = lengths.clone()
+        x = None
+        for row in range(features.shape[0]):
+            cropped = features[row : row + 1, : max(1, int(lengths[row]))]
+            clip, out_lengths[row : row + 1] = self._convolutions(cropped, lengths[row : row + 1])
+            if x is None:
+                x = clip.new_zeros(features.shape[0], steps, clip.shape[2])
+            x[row, : clip.shape[1]] = clip[0]
+        return self.out(x), out_lengths
+
+    def _strided_steps(self, steps: int) -> int:
+        for layer in self.conv:
+            if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
+                steps = (steps - 1) // 2 + 1
+        return steps
 
 
 class RelativePositionalEncoding(nn.Module):
@@ -126,10 +151,13 @@ class RelPositionSelfAttention(nn.Module):
         q = self.linear_q(x).view(split)
         k = self.linear_k(x).view(split).transpose(1, 2)
         v = self.linear_v(x).view(split).transpose(1, 2)
-        p = self.linear_pos(pos_emb).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(-1, self.heads, self.head_dim).permute(1, 2, 0)  # [H, d, 2T-1]
         q_content = (q + self.pos_bias_u).transpose(1, 2)
-        q_position = (q + self.pos_bias_v).transpose(1, 2)
-        position_scores = self._relative_shift(torch.matmul(q_position, p.transpose(-2, -1)))[..., :steps]
+        # The position embeddings are shared by the batch: one product per head over all clips' queries,
+        # rather than broadcasting them to every clip.
+        q_position = (q + self.pos_bias_v).permute(2, 0, 1, 3).reshape(self.heads, batch * steps, self.head_dim)
+        position_scores = torch.matmul(q_position, p).view(self.heads, batch, steps, -1).transpose(0, 1)
+        position_scores = self._relative_shift(position_scores)[..., :steps]
         bias = (position_scores / math.sqrt(self.head_dim)).masked_fill(masked[:, None], _MASKED_SCORE)
         out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias)
         fully_masked_queries = masked.all(dim=-1)[:, None, :, None]

@@ -181,3 +181,24 @@ def test_concurrent_transcribe_on_one_instance_is_safe(model, fixture):
         texts = list(pool.map(lambda c: model.transcribe(fixture.clip_samples(c)).text, clips * 2))
     assert texts == expected * 2
     assert torch.get_num_threads() == threads_before
+
+
+def test_cpu_decoder_sees_weights_modified_in_place():
+    """The CPU loop derives packed weights and a token table from the parameters; editing them must not go stale."""
+    from core_fixtures import load_fixture
+
+    fixture = load_fixture("v3_small")
+    model = parakeet_core.from_pretrained(fixture.checkpoint, device="cpu")
+    samples = torch.from_numpy(fixture.clip_samples("speech_en"))[None]
+    encoded, lengths = model.encode(*model.featurize(samples, torch.tensor([samples.shape[1]])))
+    before = model.decode(encoded, lengths)[0]
+    assert before.token_ids
+    embedding = model.decoder.prediction.embed.weight
+    with torch.no_grad():
+        embedding.mul_(-1.0)
+    flipped = model.decode(encoded, lengths)[0]
+    assert flipped != before
+    with torch.no_grad():
+        embedding.mul_(-1.0)
+        model.decoder.joint.joint_net[2].weight[model.config.decoder.blank_id].add_(1e4)
+    assert model.decode(encoded, lengths)[0].token_ids == []
