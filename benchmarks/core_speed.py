@@ -93,8 +93,18 @@ def worker(kind: str, checkpoint: str, clip: str, repeats: int, batches: list[in
     result["single_seconds"] = statistics.median(times)
     if kind == "parakeet_core":
         result["tokens"] = len(first)
-        waveform = torch.from_numpy(samples)[None]
-        _, encoded_lengths = model.encode(*model.featurize(waveform, torch.tensor([len(samples)])))
+        waveform, lengths = torch.from_numpy(samples)[None], torch.tensor([len(samples)])
+        stages = {"featurize": [], "encode": [], "decode": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            features = model.featurize(waveform, lengths)
+            featurized = time.perf_counter()
+            encoded, encoded_lengths = model.encode(*features)
+            encoded_at = time.perf_counter()
+            model.decode(encoded, encoded_lengths)
+            for name, seconds in zip(stages, (featurized - start, encoded_at - featurized, time.perf_counter() - encoded_at)):
+                stages[name].append(seconds)
+        result["stage_seconds"] = {name: statistics.median(values) for name, values in stages.items()}
         result["encoder_frames"] = int(encoded_lengths[0])
         rows = {}
         for batch in batches:
@@ -179,6 +189,8 @@ def main() -> int:
     if ours and results.get("nemo"):
         print(f"parakeet_core vs NeMo single-stream: {results['nemo']['single_seconds'] / ours['single_seconds']:.2f}x")
     if ours:
+        split = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in ours["stage_seconds"].items())
+        print(f"\nparakeet_core in-process, single clip (median of {args.repeats}): {split}")
         print("\n| parakeet_core batch | audio s | sequential s | batched s | batched speed-up |")
         print("|---|---|---|---|---|")
         for batch, row in ours["batches"].items():

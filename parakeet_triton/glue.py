@@ -71,6 +71,7 @@ class StageSettings:
     outputs_on_cpu: bool
     max_batch_size: int
     max_audio_seconds: float | None = None
+    cpu_threads: int | None = None
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "StageSettings":
@@ -95,6 +96,12 @@ class StageSettings:
                 raise ValueError(f"model {name!r}: parameter 'max_audio_seconds' is not a number: {max_audio!r}")
             if not max_audio_seconds > 0:
                 raise ValueError(f"model {name!r}: parameter 'max_audio_seconds' must be > 0; got {max_audio!r}")
+        threads = params.get("cpu_threads")
+        cpu_threads = None
+        if threads:
+            if not threads.isdigit() or int(threads) < 1:
+                raise ValueError(f"model {name!r}: parameter 'cpu_threads' must be an integer >= 1; got {threads!r}")
+            cpu_threads = int(threads)
         return cls(
             model_name=name,
             instance_name=str(args.get("model_instance_name", name)),
@@ -103,6 +110,7 @@ class StageSettings:
             outputs_on_cpu=outputs_on_cpu,
             max_batch_size=max(1, int(config.get("max_batch_size", 1) or 1)),
             max_audio_seconds=max_audio_seconds,
+            cpu_threads=cpu_threads,
         )
 
 
@@ -260,6 +268,8 @@ class StageGlue:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.settings = StageSettings.from_args(args)
+        if self.settings.cpu_threads is not None:
+            torch.set_num_threads(self.settings.cpu_threads)
         started = time.perf_counter()
         try:
             self.model = load_model(self.settings.checkpoint, device=self.settings.device, stages=(self.stage,))
@@ -273,7 +283,8 @@ class StageGlue:
         self._log(
             "info",
             f"{self.settings.instance_name}: loaded stage {self.stage!r} of checkpoint {self.settings.checkpoint!r} "
-            f"on {self.model.device} ({str(self.model.dtype).replace('torch.', '')}) in {loaded - started:.1f} s, "
+            f"on {self.model.device} ({str(self.model.dtype).replace('torch.', '')}) with {torch.get_num_threads()} "
+            f"CPU threads in {loaded - started:.1f} s, "
             f"warm-up {time.perf_counter() - loaded:.1f} s",
         )
 

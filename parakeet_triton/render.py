@@ -48,6 +48,9 @@ class RenderOptions:
     """Longest clip accepted; longer clips get an error response."""
     execution_env_path: str | None = None
     """Optional `EXECUTION_ENV_PATH` for the Python backend stub (a venv/conda directory or packed .tar.gz)."""
+    cpu_threads: int | None = None
+    """torch intra-op threads of each composing model instance; None keeps torch's default (one per core). Each
+    stage is its own process, so at concurrency >= 2 on a small CPU, 1 avoids oversubscribing the cores."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
@@ -62,6 +65,10 @@ class RenderOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if self.cpu_threads is not None and (
+            not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool) or self.cpu_threads < 1
+        ):
+            raise ValueError(f"cpu_threads must be an integer >= 1 (or unset); got {self.cpu_threads!r}")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0; got {self.max_queue_delay_us!r}")
         if not (isinstance(self.max_audio_seconds, (int, float)) and self.max_audio_seconds > 0):
@@ -119,6 +126,8 @@ def model_parameters(options: RenderOptions, model: str) -> dict[str, str]:
     # GPU instances take their inputs where the previous stage left them (GPU tensors via DLPack); KIND_CPU
     # instances (Jetson-style) only ever see CPU tensors, as the Python backend there has no GPU tensors.
     params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "yes" if options.triton_instance_kind == "KIND_CPU" else "no"
+    if options.cpu_threads is not None:
+        params["cpu_threads"] = str(options.cpu_threads)
     if options.execution_env_path:
         params["EXECUTION_ENV_PATH"] = options.execution_env_path
     return params

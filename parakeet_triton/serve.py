@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dynamic-batching queue delay of the encoder and decoder, microseconds (default: %(default)s)")
     model.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300.0)),
                        help="longest clip accepted; longer clips get an error response (default: %(default)s)")
+    model.add_argument("--cpu-threads", type=int, default=_env("CPU_THREADS", None) or None,
+                       help="torch intra-op threads per model instance (default: torch's, one per core); "
+                       "1 suits concurrent requests on a small CPU")
     model.add_argument("--execution-env-path", default=_env("EXECUTION_ENV_PATH", None) or None,
                        help="EXECUTION_ENV_PATH for the Python backend stub (venv/conda directory or packed .tar.gz); "
                        "not needed when the stub's `python3` on PATH has parakeet-triton installed")
@@ -83,6 +86,7 @@ def render_options(args: argparse.Namespace) -> RenderOptions:
         max_queue_delay_us=args.max_queue_delay_us,
         max_audio_seconds=args.max_audio_seconds,
         execution_env_path=args.execution_env_path,
+        cpu_threads=args.cpu_threads,
     )
 
 

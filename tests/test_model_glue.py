@@ -177,6 +177,28 @@ def test_settings_errors_are_clear():
         glue.StageSettings.from_args(args_for(protocol.ENCODER_MODEL, gpu_on_cpu, kind="GPU"))
 
 
+def test_cpu_threads_setting_parsed_and_checked():
+    options = RenderOptions(checkpoint=str(CHECKPOINT), device="cpu", cpu_threads=1)
+    assert glue.StageSettings.from_args(args_for(protocol.DECODER_MODEL, options)).cpu_threads == 1
+    assert glue.StageSettings.from_args(args_for(protocol.DECODER_MODEL)).cpu_threads is None
+    bad = json.loads(args_for(protocol.DECODER_MODEL)["model_config"])
+    bad["parameters"]["cpu_threads"] = {"string_value": "two"}
+    with pytest.raises(ValueError, match="parameter 'cpu_threads' must be an integer >= 1; got 'two'"):
+        glue.StageSettings.from_args({"model_config": json.dumps(bad), "model_instance_kind": "CPU"})
+
+
+def test_initialize_applies_cpu_threads():
+    options = RenderOptions(checkpoint=str(CHECKPOINT), device="cpu", cpu_threads=1)
+    cls = type("TritonPythonModel", (glue.DecoderGlue,), {"pb_utils": MockPbUtils})
+    saved = torch.get_num_threads()
+    try:
+        cls().initialize(args_for(protocol.DECODER_MODEL, options))
+        assert torch.get_num_threads() == 1
+        assert any("with 1 CPU threads" in line for _, line in MockLogger.lines)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     jetson = RenderOptions(checkpoint="x", device="cuda", instance_kind="KIND_CPU")

@@ -52,7 +52,7 @@ def test_variants_render_valid_configs(device, instance_kind, expected_kind, for
         p = params(config)
         assert p["checkpoint"] == "nvidia/parakeet-tdt-0.6b-v3" and p["device"] == device
         assert p["FORCE_CPU_ONLY_INPUT_TENSORS"] == force_cpu_inputs
-        assert "EXECUTION_ENV_PATH" not in p
+        assert "EXECUTION_ENV_PATH" not in p and "cpu_threads" not in p
         assert config.HasField("dynamic_batching")
     for model in (protocol.ENCODER_MODEL, protocol.DECODER_MODEL):
         batching = parsed(options, model).dynamic_batching
@@ -117,6 +117,8 @@ def test_quotes_in_checkpoint_are_escaped():
         ({"max_batch_size": 0}, "max_batch_size must be"),
         ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
         ({"max_audio_seconds": 0}, "max_audio_seconds"),
+        ({"cpu_threads": 0}, "cpu_threads must be an integer >= 1"),
+        ({"cpu_threads": "2"}, "cpu_threads must be an integer >= 1"),
         ({"checkpoint": " "}, "checkpoint must be"),
     ],
 )
@@ -196,3 +198,9 @@ def test_missing_tritonserver_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("parakeet_triton.server._pytriton_root", lambda: None)
     with pytest.raises(FileNotFoundError, match="no tritonserver found"):
         find_tritonserver(tmp_path)
+
+
+def test_cpu_threads_rendered_into_every_composing_model():
+    options = RenderOptions(checkpoint="x", device="cpu", cpu_threads=1)
+    for model in COMPOSING_MODELS:
+        assert params(parsed(options, model))["cpu_threads"] == "1"
