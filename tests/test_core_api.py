@@ -202,3 +202,20 @@ def test_cpu_decoder_sees_weights_modified_in_place():
         embedding.mul_(-1.0)
         model.decoder.joint.joint_net[2].weight[model.config.decoder.blank_id].add_(1e4)
     assert model.decode(encoded, lengths)[0].token_ids == []
+
+
+def test_cpu_loop_token_table_equals_the_per_step_product():
+    """The first LSTM layer's input product, looked up per token, is what computing it per step would give."""
+    from core_fixtures import load_fixture
+    from parakeet_core import kernels
+    from parakeet_core.decoder import _HostLoopWeights
+
+    if not kernels.onednn_available():
+        pytest.skip("exact row independence is a property of oneDNN's packed products")
+    model = parakeet_core.from_pretrained(load_fixture("v3_small").checkpoint, device="cpu")
+    weights = _HostLoopWeights(model.decoder)
+    embedding = model.decoder.prediction.embed.weight
+    with torch.no_grad():
+        for tokens in ([5], [17, 300, 8000], list(range(16))):
+            rows = torch.tensor(tokens)
+            assert torch.equal(weights.input_products[0](embedding[rows]), weights.first_layer_input[rows])
