@@ -10,18 +10,14 @@ possible batched time per clip is taken as those products plus the batched decod
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import soundfile
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import parakeet_core
-
-SPEECH = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "audio" / "long.wav"
+from decode_batching import benchmark_clips, median_seconds
 PRODUCT_OPERATORS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
 
 
@@ -32,17 +28,6 @@ def product_seconds(function) -> float:
     return sum(event.self_cpu_time_total for event in profiler.key_averages() if event.key in PRODUCT_OPERATORS) / 1e6
 
 
-def wall_seconds(function, repeats: int = 3) -> float:
-    """Median wall time of `function` after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -51,20 +36,18 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = parakeet_core.from_pretrained(args.checkpoint, device="cpu")
-    samples, _ = soundfile.read(SPEECH, dtype="float32")
-    samples = samples[: 12 * 16000]
-    clips = [torch.from_numpy(samples[(i * 1600) % 16000 :]) for i in range(args.batch)]
+    clips = benchmark_clips(args.batch)
     lengths = torch.tensor([len(c) for c in clips])
     features, feature_lengths = model.featurize(torch.nn.utils.rnn.pad_sequence(clips, batch_first=True), lengths)
     single, batch = (features[:1], feature_lengths[:1]), (features, feature_lengths)
     product_seconds(lambda: model.encode(*single))  # the profiler's own first-use cost
     single_products = product_seconds(lambda: model.encode(*single))
     batch_products = product_seconds(lambda: model.encode(*batch))
-    single_wall = wall_seconds(lambda: model.encode(*single))
-    batch_wall = wall_seconds(lambda: model.encode(*batch), repeats=1)
+    single_wall = median_seconds(lambda: model.encode(*single))
+    batch_wall = median_seconds(lambda: model.encode(*batch), 1)
     single_encoded, batch_encoded = model.encode(*single), model.encode(*batch)
-    single_decode = wall_seconds(lambda: model.decode(*single_encoded))
-    batch_decode = wall_seconds(lambda: model.decode(*batch_encoded))
+    single_decode = median_seconds(lambda: model.decode(*single_encoded))
+    batch_decode = median_seconds(lambda: model.decode(*batch_encoded))
 
     b = args.batch
     sequential = single_wall + single_decode

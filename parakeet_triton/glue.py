@@ -229,6 +229,20 @@ def split_rows(counts: Sequence[int]) -> list[slice]:
     return slices
 
 
+def split_trimmed(values: torch.Tensor, lengths: torch.Tensor, counts: Sequence[int], *, time_dim: int,
+                  names: tuple[str, str]) -> list[dict[str, torch.Tensor]]:
+    """Each request's rows of a batch output, cut to its own longest valid length (at least 1), as
+    {values name: fp32 values, lengths name: int64 lengths [n, 1] on the CPU}.
+
+    fp32 between stages: exact for bf16 values, and the same on every device and backend."""
+    lengths = lengths.to("cpu", torch.int64)
+    outputs = []
+    for rows in split_rows(counts):
+        steps = max(1, int(lengths[rows].max()))
+        outputs.append({names[0]: values[rows].narrow(time_dim, 0, steps).float(), names[1]: lengths[rows].reshape(-1, 1)})
+    return outputs
+
+
 def run_isolated(items: Sequence[Any], compute: Callable[[Sequence[Any]], list[Any]], on_batch_error: Callable[[Exception], None] | None = None) -> list[Any]:
     """compute(items) as one batch; if that raises, compute each item alone. Returns results or exceptions."""
     if not items:
@@ -387,18 +401,8 @@ class PreprocessorGlue(StageGlue):
         samples = pad_concat([item.samples for item in items], time_dim=1, device=self.model.device, dtype=torch.float32)
         lengths = torch.cat([item.lengths for item in items])
         features, feature_lengths = self.model.featurize(samples, lengths.to(self.model.device))
-        feature_lengths = feature_lengths.to("cpu", torch.int64)
-        outputs = []
-        for rows in split_rows([item.samples.shape[0] for item in items]):
-            frames = max(1, int(feature_lengths[rows].max()))
-            outputs.append(
-                {
-                    protocol.FEATURES: features[rows, :, :frames].float(),
-                    protocol.FEATURE_LENGTHS: feature_lengths[rows].reshape(-1, 1),
-                }
-            )
-        return outputs
-
+        return split_trimmed(features, feature_lengths, [item.samples.shape[0] for item in items], time_dim=2,
+                             names=(protocol.FEATURES, protocol.FEATURE_LENGTHS))
 
 
 class EncoderGlue(StageGlue):
@@ -414,19 +418,8 @@ class EncoderGlue(StageGlue):
         features = pad_concat([item.values for item in items], time_dim=2, device=self.model.device, dtype=torch.float32)
         lengths = torch.cat([item.lengths for item in items])
         encoded, encoded_lengths = self.model.encode(features, lengths.to(self.model.device))
-        encoded_lengths = encoded_lengths.to("cpu", torch.int64)
-        outputs = []
-        for rows in split_rows([item.values.shape[0] for item in items]):
-            frames = max(1, int(encoded_lengths[rows].max()))
-            outputs.append(
-                {
-                    # fp32 between stages: exact for bf16 values, and the same on every device and backend.
-                    protocol.ENCODED: encoded[rows, :frames].float(),
-                    protocol.ENCODED_LENGTHS: encoded_lengths[rows].reshape(-1, 1),
-                }
-            )
-        return outputs
-
+        return split_trimmed(encoded, encoded_lengths, [item.values.shape[0] for item in items], time_dim=1,
+                             names=(protocol.ENCODED, protocol.ENCODED_LENGTHS))
 
 
 class DecoderGlue(StageGlue):

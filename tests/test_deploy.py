@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,8 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
+
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -93,19 +94,6 @@ def dockerfile_env(path: Path) -> dict[str, str]:
 
 def dockerfile_args(path: Path) -> dict[str, str]:
     return dict(re.findall(r'^ARG (\w+)=?"?([^"\n]*)"?$', path.read_text(), flags=re.M))
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def tool(name: str) -> str | None:
