@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,36 +145,87 @@ def run_jobs(client: ParakeetClient, jobs: list[Job], *, timestamps: bool, forma
     """Transcribe every job, write or print each result, report failures; returns the number that failed."""
     stdout = stdout or sys.stdout
     failures = 0
-    audio_seconds = 0.0
-    started = time.monotonic()
     printer = _OrderedPrinter(stdout, several=len(jobs) > 1)
     with tqdm(total=len(jobs), unit="file", file=sys.stderr, disable=True if not show_progress else None,
               dynamic_ncols=True) as progress:
+        status = _LiveStatus(progress)
         outcomes = client.transcribe_many([job.source for job in jobs], timestamps=timestamps,
-                                          concurrency=concurrency)
-        for outcome in outcomes:
-            job = jobs[outcome.index]
-            try:
-                _deliver(outcome, job, format, timestamps, printer)
-                audio_seconds += outcome.transcript.audio_seconds or 0.0
-            except ParakeetClientError as error:  # its message names the file
-                failures += 1
-                printer.skip(outcome.index)
-                progress.write(f"parakeet-client: error: {error}", file=sys.stderr)
-            except (OSError, ValueError) as error:
-                failures += 1
-                printer.skip(outcome.index)
-                progress.write(f"parakeet-client: error: {job.source}: {_describe(error)}", file=sys.stderr)
-            except Exception as error:  # an unexpected failure of one file must not stop the others
-                failures += 1
-                printer.skip(outcome.index)
-                progress.write(f"parakeet-client: error: {job.source}: unexpected {type(error).__name__}: {error}",
-                               file=sys.stderr)
-            elapsed = max(time.monotonic() - started, 1e-9)
-            progress.set_postfix_str(f"audio {audio_seconds:.0f} s, {audio_seconds / elapsed:.1f} audio s/s",
-                                     refresh=False)
-            progress.update(1)
+                                          concurrency=concurrency, on_sent=status.sent)
+        try:
+            for outcome in outcomes:
+                job = jobs[outcome.index]
+                audio_seconds = 0.0
+                try:
+                    _deliver(outcome, job, format, timestamps, printer)
+                    audio_seconds = outcome.transcript.audio_seconds or 0.0
+                except ParakeetClientError as error:  # its message names the file
+                    failures += 1
+                    printer.skip(outcome.index)
+                    progress.write(f"parakeet-client: error: {error}", file=sys.stderr)
+                except (OSError, ValueError) as error:
+                    failures += 1
+                    printer.skip(outcome.index)
+                    progress.write(f"parakeet-client: error: {job.source}: {_describe(error)}", file=sys.stderr)
+                except Exception as error:  # an unexpected failure of one file must not stop the others
+                    failures += 1
+                    printer.skip(outcome.index)
+                    progress.write(f"parakeet-client: error: {job.source}: unexpected {type(error).__name__}: {error}",
+                                   file=sys.stderr)
+                status.done(outcome.index, audio_seconds)
+                progress.update(1)
+        finally:
+            status.close()
     return failures
+
+
+class _LiveStatus:
+    """The progress bar's live postfix: audio done, throughput, and the audio in flight with its elapsed time,
+    refreshed every second so that a long request shows it is still running."""
+
+    def __init__(self, progress: tqdm, interval: float = 1.0):
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._in_flight: dict[int, tuple[float, float]] = {}  # index -> (audio seconds, sent at)
+        self._audio_done = 0.0
+        self._stop = threading.Event()
+        self._ticker = None
+        if not progress.disable:
+            self._ticker = threading.Thread(target=self._tick, args=(interval,), name="parakeet-progress", daemon=True)
+            self._ticker.start()
+
+    def sent(self, index: int, audio_seconds: float) -> None:
+        with self._lock:
+            self._in_flight[index] = (audio_seconds, time.monotonic())
+
+    def done(self, index: int, audio_seconds: float) -> None:
+        with self._lock:
+            self._in_flight.pop(index, None)
+            self._audio_done += audio_seconds
+        self._show()
+
+    def text(self) -> str:
+        now = time.monotonic()
+        with self._lock:
+            done, flight = self._audio_done, list(self._in_flight.values())
+        parts = [f"audio {done:.0f} s, {done / max(now - self._started, 1e-9):.1f} audio s/s"]
+        if flight:
+            oldest = min(sent for _, sent in flight)
+            parts.append(f"in flight {sum(seconds for seconds, _ in flight):.0f} s of audio for {now - oldest:.0f} s")
+        return ", ".join(parts)
+
+    def _show(self) -> None:
+        self._progress.set_postfix_str(self.text(), refresh=False)
+
+    def _tick(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._show()
+            self._progress.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
 
 
 def _deliver(outcome: Outcome, job: Job, format: str, timestamps: bool, printer: "_OrderedPrinter") -> None:

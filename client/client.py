@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from parakeet_triton.protocol import ENSEMBLE_MODEL
@@ -93,11 +94,13 @@ class ParakeetClient:
         return transcripts  # type: ignore[return-value]
 
     def transcribe_many(self, items: Iterable[AudioInput], *, timestamps: bool = False,
-                        concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[Outcome]:
+                        concurrency: int = DEFAULT_CONCURRENCY,
+                        on_sent: Callable[[int, float], None] | None = None) -> Iterator[Outcome]:
         """Yield one Outcome per item, in completion order, never raising for a single item's failure.
 
         At most `concurrency` items are decoded or in flight at a time. Closing the iterator early cancels the
-        items not started yet.
+        items not started yet. `on_sent(index, audio_seconds)` is called (from a worker thread) when an item's
+        audio is decoded and its request is about to go out, e.g. for a progress display.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -110,7 +113,8 @@ class ParakeetClient:
             except StopIteration:
                 return False
             name = item_name(item, index)
-            running[self._submit(concurrency, self._transcribe_item, item, name, timestamps)] = (index, name)
+            running[self._submit(concurrency, self._transcribe_item, item, name, timestamps,
+                                 None if on_sent is None else functools.partial(on_sent, index))] = (index, name)
             return True
 
         try:
@@ -164,9 +168,12 @@ class ParakeetClient:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _transcribe_item(self, item: AudioInput, name: str, timestamps: bool) -> Transcript:
+    def _transcribe_item(self, item: AudioInput, name: str, timestamps: bool,
+                         on_sent: Callable[[float], None] | None = None) -> Transcript:
         clip = load_clip(item, name=name)
         _wire.check_length(clip, self.max_audio_seconds)
+        if on_sent is not None:
+            on_sent(clip.seconds)
         return self._infer(clip, timestamps)
 
     def _infer(self, clip: AudioClip, timestamps: bool) -> Transcript:

@@ -1,5 +1,6 @@
 """Pure-PyTorch NVIDIA Parakeet TDT inference, identical to NeMo's, batched, without NeMo at run time."""
 
+from .attention import AttentionPolicy
 from .audio import check_waveform, load_audio
 from .checkpoint import DEFAULT_CHECKPOINT, read_nemo, resolve_checkpoint
 from .config import ModelConfig
@@ -8,7 +9,7 @@ from .model import STAGES, ParakeetTDT, from_pretrained
 from .types import Hypothesis, TimedText, Transcript
 
 __all__ = [
-    "DEFAULT_CHECKPOINT", "STAGES", "CheckpointError", "Hypothesis", "InvalidAudioError",
+    "DEFAULT_CHECKPOINT", "STAGES", "AttentionPolicy", "CheckpointError", "Hypothesis", "InvalidAudioError",
     "ModelConfig", "ParakeetError", "ParakeetTDT", "TimedText", "Transcript", "UnsupportedConfigError",
     "check_waveform", "from_pretrained", "load_audio", "read_nemo", "resolve_checkpoint",
 ]

@@ -114,6 +114,7 @@ class EncoderConfig:
     use_bias: bool
     untie_biases: bool
     pos_emb_max_len: int
+    subsampling_conv_chunking_factor: int = 1
 
     @property
     def subsampling_layers(self) -> int:
@@ -149,6 +150,9 @@ class EncoderConfig:
         _require(untie is True, f"{where}.untie_biases", untie, "true")
         d_model = int(_get(cfg, "d_model", where))
         channels = int(_get(cfg, "subsampling_conv_channels", where, -1))
+        chunking = int(_get(cfg, "subsampling_conv_chunking_factor", where, 1))
+        _require(chunking == 1 or (chunking > 1 and chunking & (chunking - 1) == 0),
+                 f"{where}.subsampling_conv_chunking_factor", chunking, "1 (split when needed) or a power of two")
         return cls(
             feat_in=int(_get(cfg, "feat_in", where)),
             n_layers=int(_get(cfg, "n_layers", where)),
@@ -162,6 +166,7 @@ class EncoderConfig:
             use_bias=bool(_get(cfg, "use_bias", where, True)),
             untie_biases=untie,
             pos_emb_max_len=int(_get(cfg, "pos_emb_max_len", where, 5000)),
+            subsampling_conv_chunking_factor=chunking,
         )
 
 

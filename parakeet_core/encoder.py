@@ -15,9 +15,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import kernels
+from .attention import MASKED_SCORE, banded_attention
 from .config import EncoderConfig
 
-_MASKED_SCORE = -10000.0
+_MASKED_SCORE = MASKED_SCORE
+# Output frames of real input kept on each side of a subsampling time chunk (one is enough; see `_clip`).
+_CHUNK_HALO = 2
 
 
 def _time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
@@ -32,6 +35,7 @@ class DepthwiseStridingSubsampling(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
+        self.config = config
         channels = config.subsampling_conv_channels
         layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
         for _ in range(config.subsampling_layers - 1):
@@ -50,42 +54,99 @@ class DepthwiseStridingSubsampling(nn.Module):
     def strided_length(lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(lengths - 1, 2, rounding_mode="floor") + 1
 
-    def _convolutions(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [B, T, F] to [B, T', C * F'] (zero past each clip's new length) and the new lengths."""
+    def _convolutions(self, features: torch.Tensor, lengths: torch.Tensor,
+                      masked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, T, F] to [B, T', C * F'] and the new lengths; `masked`: zero past each clip's current length
+        before every layer, as NeMo's masked convolutions do."""
         x = features.unsqueeze(1)  # [B, 1, T, F]
         mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
-        x = x * mask
+        if masked:
+            x = x * mask
         for layer in self.conv:
             x = layer(x)
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
                 lengths = self.strided_length(lengths)
                 mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
-            x = x * mask
+            if masked:
+                x = x * mask
         batch, channels, steps, frequencies = x.shape
         return x.transpose(1, 2).reshape(batch, steps, channels * frequencies), lengths
 
+    def runs_unmasked(self, feature_length: int) -> bool:
+        """Whether NeMo, given this clip alone, takes its split-convolution path, which skips the masks.
+
+        With `subsampling_conv_chunking_factor` 1 NeMo splits only inputs of more than 2**31 / channels * 4
+        elements (pytorch#80020): about 44 minutes for 256 channels and 128 mel bins. A batch of one cannot be split
+        by batch, so it is split by channel and time without masking. With a factor above 1 it always splits.
+        """
+        frames = (feature_length + 1) * self.config.feat_in  # a clip alone has samples // hop + 1 frames
+        if self.config.subsampling_conv_chunking_factor != 1:
+            return True
+        return frames > 2**31 / self.config.subsampling_conv_channels * 4
+
+    def _output_chunk(self) -> int:
+        """Output frames per time chunk, so the first convolution's output stays near 16 M elements."""
+        first = self.config.subsampling_conv_channels * (self.config.feat_in // 2 + 1) * (self.factor // 2)
+        return max(16, (1 << 24) // first)
+
+    def _clip(self, features: torch.Tensor, length: int, masked: bool) -> torch.Tensor:
+        """One clip's features [1, T, F] to projected frames [1, T', d_model], in time chunks on long inputs.
+
+        Each chunk carries `_CHUNK_HALO` output frames of real input on both sides and is cut back to its own
+        frames; a chunk starts on a multiple of the subsampling factor, so every layer's frames and masks line up
+        with the unchunked computation.
+        """
+        steps = features.shape[1]
+        out_steps = self._strided_steps(steps)
+        chunk = self._output_chunk()
+        if out_steps <= chunk:
+            x, _ = self._convolutions(features, features.new_tensor([length], dtype=torch.long), masked)
+            return self.out(x)
+        pieces = []
+        for first in range(0, out_steps, chunk):
+            last = min(out_steps, first + chunk)
+            start = max(0, (first - _CHUNK_HALO) * self.factor)
+            stop = min(steps, (last + _CHUNK_HALO) * self.factor)
+            x, _ = self._convolutions(features[:, start:stop],
+                                      features.new_tensor([length - start], dtype=torch.long), masked)
+            skip = first - start // self.factor
+            pieces.append(self.out(x[:, skip : skip + last - first]))
+        return torch.cat(pieces, dim=1)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** self.config.subsampling_layers
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if features.device.type != "cpu" or features.shape[0] == 1:
+        batch, steps = features.shape[:2]
+        unmasked = [self.runs_unmasked(int(n)) for n in lengths]
+        batched = (not any(unmasked) and self._strided_steps(steps) <= self._output_chunk()
+                   and (features.device.type != "cpu" or batch == 1))
+        if batched:
             x, lengths = self._convolutions(features, lengths)
             return self.out(x), lengths
-        # On the CPU the first convolutions' outputs (channels x T/2 x F/2 per clip, 40 MB for 12 s) outgrow the
-        # caches when batched: one clip at a time, cropped to its length, is faster and needs far less memory.
-        # A clip's frames are the same either way (zero padding past its end, as the batch's masks give).
-        steps = self._strided_steps(features.shape[1])
-        out_lengths = lengths.clone()
-        x = None
-        for row in range(features.shape[0]):
-            cropped = features[row : row + 1, : max(1, int(lengths[row]))]
-            clip, out_lengths[row : row + 1] = self._convolutions(cropped, lengths[row : row + 1])
-            if x is None:
-                x = clip.new_zeros(features.shape[0], steps, clip.shape[2])
+        # One clip at a time, cropped to its length: on the CPU the first convolutions' outputs (channels x T/2 x
+        # F/2 per clip, 40 MB for 12 s) outgrow the caches when batched, and long clips go in time chunks. A clip's
+        # frames are the same either way (zero padding past its end, as the batch's masks give).
+        out_lengths = self.strided_length_for(lengths)
+        padding_row = self.out(features.new_zeros(1, 1, self.out.in_features))
+        x = padding_row.expand(batch, self._strided_steps(steps), -1).clone()
+        for row in range(batch):
+            length = int(lengths[row])
+            # An unmasked clip sees what NeMo's split path sees: its frames plus the one trailing (zero) frame.
+            frames = min(steps, length + 1) if unmasked[row] else max(1, length)
+            clip = self._clip(features[row : row + 1, :frames], length, masked=not unmasked[row])
             x[row, : clip.shape[1]] = clip[0]
-        return self.out(x), out_lengths
+        return x, out_lengths
+
+    def strided_length_for(self, lengths: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.config.subsampling_layers):
+            lengths = self.strided_length(lengths)
+        return lengths
 
     def _strided_steps(self, steps: int) -> int:
-        for layer in self.conv:
-            if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
-                steps = (steps - 1) // 2 + 1
+        for _ in range(self.config.subsampling_layers):
+            steps = (steps - 1) // 2 + 1
         return steps
 
 
@@ -112,6 +173,10 @@ class RelativePositionalEncoding(nn.Module):
             self.pe = self._table(steps).to(self.pe.device)
         centre = self.pe.shape[1] // 2
         return self.pe[:, centre - steps + 1 : centre + steps].to(dtype)
+
+    def local(self, context: int, dtype: torch.dtype) -> torch.Tensor:
+        """The fixed table of offsets +context .. -context that local attention uses (NeMo's LocalAttRelPositionalEncoding)."""
+        return self._table(context + 1).to(device=self.pe.device, dtype=dtype)
 
 
 class FeedForward(nn.Module):
@@ -144,6 +209,19 @@ class RelPositionSelfAttention(nn.Module):
         batch, heads, queries, positions = scores.shape
         shifted = F.pad(scores, (1, 0)).view(batch, heads, positions + 1, queries)
         return shifted[:, :, 1:].reshape(batch, heads, queries, positions)
+
+    def forward_local(self, x: torch.Tensor, pos_emb: torch.Tensor, valid: torch.Tensor, context: int) -> torch.Tensor:
+        """Attention within `context` frames on each side; pos_emb is the local table [1, 2 * context + 1, d_model].
+
+        Computed in fp32 whatever the model dtype, as NeMo does under autocast.
+        """
+        batch, steps, _ = x.shape
+        split = (batch, steps, self.heads, self.head_dim)
+        q, k, v = (linear(x).view(split).transpose(1, 2).float() for linear in (self.linear_q, self.linear_k, self.linear_v))
+        positions = self.linear_pos(pos_emb).float().view(-1, self.heads, self.head_dim).permute(1, 2, 0)
+        out = banded_attention(q + self.pos_bias_u.float()[:, None], q + self.pos_bias_v.float()[:, None], k, v,
+                               positions, valid, context)
+        return self.linear_out(out.to(x.dtype).transpose(1, 2).reshape(batch, steps, -1))
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = x.shape
@@ -204,9 +282,12 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(d_model, d_ff, bias)
         self.norm_out = nn.LayerNorm(d_model)
 
-    def forward(self, x, pos_emb, attention_masked, padded):
+    def forward(self, x, pos_emb, attention_masked, padded, local_context: int | None = None):
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        x = x + self.self_attn(self.norm_self_att(x), pos_emb, attention_masked)
+        if local_context is None:
+            x = x + self.self_attn(self.norm_self_att(x), pos_emb, attention_masked)
+        else:
+            x = x + self.self_attn.forward_local(self.norm_self_att(x), pos_emb, ~padded, local_context)
         x = x + self.conv(self.norm_conv(x), padded)
         x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
         return self.norm_out(x)
@@ -230,15 +311,21 @@ class ConformerEncoder(nn.Module):
             feature_lengths = (feature_lengths - 1) // 2 + 1
         return feature_lengths
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                local_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full attention, or with `local_context` = w attention to the w frames on each side (memory linear in T)."""
         x, lengths = self.pre_encode(features.transpose(1, 2), lengths)
         if self.xscale is not None:
             x = x * self.xscale
         steps = x.shape[1]
-        pos_emb = self.pos_enc(steps, x.dtype)
         valid = _time_mask(lengths, steps)
         padded = ~valid
-        attention_masked = ~(valid[:, None, :] & valid[:, :, None])
+        if local_context is None:
+            pos_emb = self.pos_enc(steps, x.dtype)
+            attention_masked = ~(valid[:, None, :] & valid[:, :, None])
+        else:
+            pos_emb = self.pos_enc.local(local_context, x.dtype)
+            attention_masked = None
         for layer in self.layers:
-            x = layer(x, pos_emb, attention_masked, padded)
+            x = layer(x, pos_emb, attention_masked, padded, local_context)
         return x, lengths

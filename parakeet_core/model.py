@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Iterable, Sequence
@@ -9,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .attention import AUTO, DEFAULT_FULL_ATTENTION_MAX_SECONDS, AttentionPolicy, AttentionSpec
 from .audio import AudioItem, as_waveform, check_waveform
 from .checkpoint import DEFAULT_CHECKPOINT, NemoCheckpoint, read_nemo, resolve_checkpoint, sub_state_dict
 from .config import ModelConfig
@@ -49,7 +51,9 @@ class ParakeetTDT:
     """Parakeet TDT inference: featurize -> encode -> decode -> transcript, each batched with lengths."""
 
     def __init__(self, checkpoint: NemoCheckpoint, *, device: torch.device, dtype: torch.dtype,
-                 stages: Sequence[str] = STAGES):
+                 stages: Sequence[str] = STAGES, attention: AttentionSpec = AUTO,
+                 full_attention_max_seconds: float = DEFAULT_FULL_ATTENTION_MAX_SECONDS):
+        self.attention = AttentionPolicy.parse(attention, full_attention_max_seconds=full_attention_max_seconds)
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
@@ -104,11 +108,48 @@ class ParakeetTDT:
         preprocessor = self._require("featurize", self.preprocessor)
         return preprocessor(waveforms.to(self.device), lengths.to(self.device))
 
+    def attention_policy(self, attention: AttentionSpec | None = None,
+                         full_attention_max_seconds: float | None = None) -> AttentionPolicy:
+        """This instance's attention policy, or one given per call (None keeps the instance's value)."""
+        policy = self.attention if attention is None else AttentionPolicy.parse(
+            attention, full_attention_max_seconds=self.attention.full_attention_max_seconds)
+        if full_attention_max_seconds is None:
+            return policy
+        return dataclasses.replace(policy, full_attention_max_seconds=float(full_attention_max_seconds))
+
+    def local_contexts(self, feature_lengths: torch.Tensor, attention: AttentionSpec | None = None,
+                       full_attention_max_seconds: float | None = None) -> list[int | None]:
+        """Per clip, the local attention context `encode` uses (None: full attention)."""
+        policy = self.attention_policy(attention, full_attention_max_seconds)
+        seconds_per_frame = self.config.preprocessor.window_stride_seconds
+        return [policy.context_for(int(n) * seconds_per_frame) for n in feature_lengths]
+
     @torch.inference_mode()
-    def encode(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [B, F, T'] -> encoded frames [B, T'', D] in the model dtype and valid lengths [B]."""
+    def encode(self, features: torch.Tensor, feature_lengths: torch.Tensor, *, attention: AttentionSpec | None = None,
+               full_attention_max_seconds: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, F, T'] -> encoded frames [B, T'', D] in the model dtype and valid lengths [B].
+
+        `attention`: "full", "auto", a local context N or (N, N); None uses the instance's setting. Decided per
+        clip: clips that get different attention are encoded in separate sub-batches, each exactly as alone.
+        """
         encoder = self._require("encode", self.encoder)
-        return encoder(features.to(self.device, self.dtype), feature_lengths.to(self.device, torch.long))
+        features = features.to(self.device, self.dtype)
+        feature_lengths = feature_lengths.to(self.device, torch.long)
+        contexts = self.local_contexts(feature_lengths, attention, full_attention_max_seconds)
+        if len(set(contexts)) == 1:
+            return encoder(features, feature_lengths, contexts[0])
+        steps = int(ConformerEncoder.output_lengths_for(self.config.encoder, features.shape[2]))
+        encoded = None
+        lengths = torch.zeros_like(feature_lengths)
+        for context in dict.fromkeys(contexts):
+            rows = torch.tensor([i for i, c in enumerate(contexts) if c == context], device=self.device)
+            longest = int(feature_lengths[rows].max()) + 1
+            part, part_lengths = encoder(features[rows, :, : min(longest, features.shape[2])], feature_lengths[rows], context)
+            if encoded is None:
+                encoded = part.new_zeros(features.shape[0], steps, part.shape[2])
+            encoded[rows, : part.shape[1]] = part
+            lengths[rows] = part_lengths
+        return encoded, lengths
 
     @torch.inference_mode()
     def decode(self, encoded: torch.Tensor, encoded_lengths: torch.Tensor) -> list[Hypothesis]:
@@ -129,23 +170,29 @@ class ParakeetTDT:
             transcript.words, transcript.segments = self.tokenizer.timestamps(hypothesis, step)
         return transcript
 
-    def transcribe_waveforms(self, waveforms: Sequence[np.ndarray], *, timestamps: bool = False) -> list[Transcript]:
+    def transcribe_waveforms(self, waveforms: Sequence[np.ndarray], *, timestamps: bool = False,
+                             attention: AttentionSpec | None = None,
+                             full_attention_max_seconds: float | None = None) -> list[Transcript]:
         """One padded batch of validated float32 waveforms through all three stages."""
         lengths = torch.tensor([len(w) for w in waveforms], dtype=torch.long)
         batch = torch.zeros(len(waveforms), int(lengths.max()), dtype=torch.float32)
         for row, samples in enumerate(waveforms):
             batch[row, : len(samples)] = torch.from_numpy(samples)
         features, feature_lengths = self.featurize(batch, lengths)
-        encoded, encoded_lengths = self.encode(features, feature_lengths)
+        encoded, encoded_lengths = self.encode(features, feature_lengths, attention=attention,
+                                               full_attention_max_seconds=full_attention_max_seconds)
         return [self.to_transcript(h, timestamps=timestamps) for h in self.decode(encoded, encoded_lengths)]
 
-    def transcribe(self, audio: AudioItem | list[AudioItem], *, batch_size: int = 16,
-                   timestamps: bool = False) -> Transcript | list[Transcript]:
+    def transcribe(self, audio: AudioItem | list[AudioItem], *, batch_size: int = 16, timestamps: bool = False,
+                   attention: AttentionSpec | None = None,
+                   full_attention_max_seconds: float | None = None) -> Transcript | list[Transcript]:
         """Transcribe one item (-> Transcript) or a list (-> list, in order).
 
         An item is a file path, a 1-D float array/tensor at the model's sample rate, or (array, sample_rate).
-        Clips are batched by similar length; batching never changes a clip's result.
+        Clips are batched by similar length; batching never changes a clip's result. `attention` ("auto",
+        "full", N or (N, N)) and `full_attention_max_seconds` override the instance's settings for this call.
         """
+        self.attention_policy(attention, full_attention_max_seconds)
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         if batch_size < 1:
@@ -159,7 +206,9 @@ class ParakeetTDT:
         results: list[Transcript | None] = [None] * len(waveforms)
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
-            for index, transcript in zip(chosen, self.transcribe_waveforms([waveforms[i] for i in chosen], timestamps=timestamps)):
+            batch = self.transcribe_waveforms([waveforms[i] for i in chosen], timestamps=timestamps, attention=attention,
+                                              full_attention_max_seconds=full_attention_max_seconds)
+            for index, transcript in zip(chosen, batch):
                 results[index] = transcript
         return results[0] if single else results
 
@@ -192,12 +241,16 @@ class ParakeetTDT:
 
 def from_pretrained(source: str | os.PathLike = DEFAULT_CHECKPOINT, *, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, cache_dir: str | os.PathLike | None = None,
-                    stages: Sequence[str] | None = None) -> ParakeetTDT:
+                    stages: Sequence[str] | None = None, attention: AttentionSpec = AUTO,
+                    full_attention_max_seconds: float = DEFAULT_FULL_ATTENTION_MAX_SECONDS) -> ParakeetTDT:
     """Load a Parakeet TDT checkpoint: a local `.nemo` file or a Hugging Face repo id (fetched into its cache).
 
     `device=None` picks CUDA when present, else CPU; `dtype=None` picks bf16 on Ampere+ GPUs, fp16 on older
-    GPUs and fp32 on the CPU. `stages` limits which modules are built (all by default).
+    GPUs and fp32 on the CPU. `stages` limits which modules are built (all by default). `attention`: "auto"
+    (default: full attention up to `full_attention_max_seconds`, local (256, 256) beyond), "full", or a
+    symmetric local context N / (N, N) in encoder frames.
     """
+    policy = AttentionPolicy.parse(attention, full_attention_max_seconds=full_attention_max_seconds)
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ParakeetError("device 'cuda' was requested but CUDA is not available")
@@ -209,6 +262,6 @@ def from_pretrained(source: str | os.PathLike = DEFAULT_CHECKPOINT, *, device: s
         dtype = names[dtype]
     dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(source, cache_dir=cache_dir)
-    model = ParakeetTDT(read_nemo(path), device=device, dtype=dtype, stages=stages or STAGES)
+    model = ParakeetTDT(read_nemo(path), device=device, dtype=dtype, stages=stages or STAGES, attention=policy)
     logger.info("loaded %s from %s", model, path)
     return model

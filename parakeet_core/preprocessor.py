@@ -18,6 +18,8 @@ from .config import PreprocessorConfig
 from .errors import CheckpointError
 
 _NORMALIZE_EPS = 1e-5
+# STFT frames (10 ms each) computed at a time on long inputs: 4,000 frames keep the spectrum near 8 MB per clip.
+_FRAMES_PER_CHUNK = 4000
 
 
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
@@ -84,28 +86,14 @@ class MelPreprocessor(nn.Module):
     @torch.no_grad()
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        x = waveforms.float()
+        x = waveforms.to(torch.float32, copy=True)
         lengths = lengths.to(device=x.device, dtype=torch.long)
         feature_lengths = self.output_lengths(lengths)
         if cfg.preemph:
-            x = torch.cat((x[:, :1], x[:, 1:] - cfg.preemph * x[:, :-1]), dim=1)
+            x[:, 1:] -= cfg.preemph * x[:, :-1]
         sample_index = torch.arange(x.shape[1], device=x.device)
-        x = x.masked_fill(sample_index[None, :] >= lengths[:, None], 0.0)
-        spectrum = torch.stft(
-            x,
-            n_fft=cfg.n_fft,
-            hop_length=cfg.window_stride,
-            win_length=cfg.window_size,
-            window=self.window.float(),
-            center=True,
-            pad_mode="constant",
-            return_complex=True,
-        )
-        magnitude = torch.sqrt(torch.view_as_real(spectrum).pow(2).sum(-1))
-        if cfg.mag_power != 1.0:
-            magnitude = magnitude.pow(cfg.mag_power)
-        mel = torch.matmul(self.fb.float(), magnitude)
-        features = torch.log(mel + cfg.log_zero_guard)
+        x.masked_fill_(sample_index[None, :] >= lengths[:, None], 0.0)
+        features = self._log_mel(x)
         frame_index = torch.arange(features.shape[2], device=x.device)
         valid = frame_index[None, :] < feature_lengths[:, None]
         if cfg.normalize == "per_feature":
@@ -116,6 +104,44 @@ class MelPreprocessor(nn.Module):
             if remainder:
                 features = nn.functional.pad(features, (0, cfg.pad_to - remainder), value=cfg.pad_value)
         return features, feature_lengths
+
+    def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
+        """Centred STFT (zero padding) -> magnitude ** mag_power -> mel -> log, in chunks of frames on long inputs.
+
+        Frames are independent, so a chunk computed from its own span of the padded signal gives the same values;
+        chunking keeps the complex spectrum (257 bins per frame) from ever being held for a whole long file.
+        """
+        cfg = self.config
+        half = cfg.n_fft // 2
+        frames = x.shape[1] // cfg.window_stride + 1
+        if frames <= _FRAMES_PER_CHUNK:
+            return self._log_mel_frames(x, center=True)
+        padded = torch.nn.functional.pad(x, (half, half))
+        pieces = []
+        for first in range(0, frames, _FRAMES_PER_CHUNK):
+            last = min(frames, first + _FRAMES_PER_CHUNK)
+            span = padded[:, first * cfg.window_stride : (last - 1) * cfg.window_stride + cfg.n_fft]
+            pieces.append(self._log_mel_frames(span, center=False))
+        return torch.cat(pieces, dim=2)
+
+    def _log_mel_frames(self, x: torch.Tensor, *, center: bool) -> torch.Tensor:
+        cfg = self.config
+        spectrum = torch.stft(
+            x,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.window_stride,
+            win_length=cfg.window_size,
+            window=self.window.float(),
+            center=center,
+            pad_mode="constant",
+            return_complex=True,
+        )
+        magnitude = torch.sqrt(torch.view_as_real(spectrum).pow(2).sum(-1))
+        del spectrum
+        if cfg.mag_power != 1.0:
+            magnitude = magnitude.pow(cfg.mag_power)
+        mel = torch.matmul(self.fb.float(), magnitude)
+        return torch.log(mel + cfg.log_zero_guard)
 
     @staticmethod
     def _normalize_per_feature(features: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
+from parakeet_core.attention import DEFAULT_FULL_ATTENTION_MAX_SECONDS, AttentionPolicy
+
 from . import protocol
 
 WARMUP_SECONDS = 1.0
@@ -72,6 +74,8 @@ class StageSettings:
     max_batch_size: int
     max_audio_seconds: float | None = None
     cpu_threads: int | None = None
+    attention: str = "auto"
+    full_attention_max_seconds: float = DEFAULT_FULL_ATTENTION_MAX_SECONDS
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "StageSettings":
@@ -102,6 +106,12 @@ class StageSettings:
             if not threads.isdigit() or int(threads) < 1:
                 raise ValueError(f"model {name!r}: parameter 'cpu_threads' must be an integer >= 1; got {threads!r}")
             cpu_threads = int(threads)
+        attention = params.get("attention") or "auto"
+        full_max = params.get("full_attention_max_seconds") or repr(DEFAULT_FULL_ATTENTION_MAX_SECONDS)
+        try:
+            AttentionPolicy.parse(attention, full_attention_max_seconds=float(full_max))
+        except ValueError as error:
+            raise ValueError(f"model {name!r}: parameters 'attention' / 'full_attention_max_seconds': {error}") from None
         return cls(
             model_name=name,
             instance_name=str(args.get("model_instance_name", name)),
@@ -111,14 +121,18 @@ class StageSettings:
             max_batch_size=max(1, int(config.get("max_batch_size", 1) or 1)),
             max_audio_seconds=max_audio_seconds,
             cpu_threads=cpu_threads,
+            attention=attention,
+            full_attention_max_seconds=float(full_max),
         )
 
 
-def load_model(checkpoint: str, *, device: str, stages: tuple[str, ...]):
+def load_model(checkpoint: str, *, device: str, stages: tuple[str, ...], attention: str = "auto",
+               full_attention_max_seconds: float = DEFAULT_FULL_ATTENTION_MAX_SECONDS):
     """Load one stage of the checkpoint (parakeet_core); the single place the glue touches checkpoints."""
     import parakeet_core
 
-    return parakeet_core.from_pretrained(checkpoint, device=device, stages=stages)
+    return parakeet_core.from_pretrained(checkpoint, device=device, stages=stages, attention=attention,
+                                         full_attention_max_seconds=full_attention_max_seconds)
 
 
 # ------------------------------------------------------------------------------------------ request types
@@ -286,7 +300,9 @@ class StageGlue:
             torch.set_num_threads(self.settings.cpu_threads)
         started = time.perf_counter()
         try:
-            self.model = load_model(self.settings.checkpoint, device=self.settings.device, stages=(self.stage,))
+            self.model = load_model(self.settings.checkpoint, device=self.settings.device, stages=(self.stage,),
+                                    attention=self.settings.attention,
+                                    full_attention_max_seconds=self.settings.full_attention_max_seconds)
         except Exception as error:
             raise RuntimeError(
                 f"model {self.settings.model_name!r}: cannot load checkpoint {self.settings.checkpoint!r} "

@@ -17,6 +17,8 @@ import shutil
 import string
 from pathlib import Path
 
+from parakeet_core.attention import AttentionPolicy, DEFAULT_FULL_ATTENTION_MAX_SECONDS
+
 from . import protocol
 
 DEFAULT_CHECKPOINT = "nvidia/parakeet-tdt-0.6b-v3"
@@ -44,8 +46,16 @@ class RenderOptions:
     """Largest batch (in clips) of every model, the ensemble included."""
     max_queue_delay_us: int = 1000
     """Dynamic-batching queue delay of the encoder and decoder, in microseconds."""
-    max_audio_seconds: float = 300.0
-    """Longest clip accepted; longer clips get an error response."""
+    max_audio_seconds: float = 10800.0
+    """Longest clip accepted (default 3 hours); longer clips get an error response."""
+    attention: str = "auto"
+    """Encoder attention: `auto` (full up to `full_attention_max_seconds`, local (256, 256) beyond), `full`, or a
+    symmetric local context N (encoder frames of 80 ms each side)."""
+    full_attention_max_seconds: float = DEFAULT_FULL_ATTENTION_MAX_SECONDS
+    """Longest clip that `auto` gives full attention."""
+    shm_growth_mb: int = 64
+    """Growth step of each Python-backend stub's shared-memory region, MiB (the backend's default is 1 MiB,
+    which a 3-hour request of ~690 MB would grow through hundreds of times)."""
     execution_env_path: str | None = None
     """Optional `EXECUTION_ENV_PATH` for the Python backend stub (a venv/conda directory or packed .tar.gz)."""
     cpu_threads: int | None = None
@@ -73,6 +83,16 @@ class RenderOptions:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0; got {self.max_queue_delay_us!r}")
         if not (isinstance(self.max_audio_seconds, (int, float)) and self.max_audio_seconds > 0):
             raise ValueError(f"max_audio_seconds must be > 0; got {self.max_audio_seconds!r}")
+        self.attention_policy  # validates attention and full_attention_max_seconds (ValueError naming them)
+        if not isinstance(self.shm_growth_mb, int) or isinstance(self.shm_growth_mb, bool) or self.shm_growth_mb < 1:
+            raise ValueError(f"shm_growth_mb must be an integer >= 1; got {self.shm_growth_mb!r}")
+
+    @property
+    def attention_policy(self) -> AttentionPolicy:
+        try:
+            return AttentionPolicy.parse(str(self.attention), full_attention_max_seconds=self.full_attention_max_seconds)
+        except ValueError as error:
+            raise ValueError(f"attention / full_attention_max_seconds: {error}") from None
 
     @property
     def triton_instance_kind(self) -> str:
@@ -123,6 +143,9 @@ def model_parameters(options: RenderOptions, model: str) -> dict[str, str]:
     params = {"checkpoint": options.resolved_checkpoint, "device": options.device}
     if model == protocol.PREPROCESSOR_MODEL:
         params["max_audio_seconds"] = repr(float(options.max_audio_seconds))
+    if model == protocol.ENCODER_MODEL:
+        params["attention"] = str(options.attention).strip().lower()
+        params["full_attention_max_seconds"] = repr(float(options.full_attention_max_seconds))
     # GPU instances take their inputs where the previous stage left them (GPU tensors via DLPack); KIND_CPU
     # instances (Jetson-style) only ever see CPU tensors, as the Python backend there has no GPU tensors.
     params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "yes" if options.triton_instance_kind == "KIND_CPU" else "no"

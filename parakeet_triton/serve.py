@@ -49,8 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest batch in clips, per request and per dynamic batch (default: %(default)s)")
     model.add_argument("--max-queue-delay-us", type=int, default=int(_env("MAX_QUEUE_DELAY_US", 1000)),
                        help="dynamic-batching queue delay of the encoder and decoder, microseconds (default: %(default)s)")
-    model.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 300.0)),
-                       help="longest clip accepted; longer clips get an error response (default: %(default)s)")
+    model.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 10800.0)),
+                       help="longest clip accepted; longer clips get an error response (default: %(default)s = 3 h)")
+    model.add_argument("--attention", default=_env("ATTENTION", "auto"),
+                       help="encoder attention: auto (full up to --full-attention-max-seconds, local 256 frames each "
+                       "side beyond), full, or N = local attention to N encoder frames (80 ms each) on each side "
+                       "(default: %(default)s)")
+    model.add_argument("--full-attention-max-seconds", type=float,
+                       default=float(_env("FULL_ATTENTION_MAX_SECONDS", 600.0)),
+                       help="longest clip that --attention auto gives full attention (default: %(default)s)")
+    model.add_argument("--shm-growth-mb", type=int, default=int(_env("SHM_GROWTH_MB", 64)),
+                       help="growth step of each Python-backend stub's /dev/shm region in MiB (default: %(default)s)")
     model.add_argument("--cpu-threads", type=int, default=_env("CPU_THREADS", None) or None,
                        help="torch intra-op threads per model instance (default: torch's, one per core); "
                        "1 suits concurrent requests on a small CPU")
@@ -85,6 +94,9 @@ def render_options(args: argparse.Namespace) -> RenderOptions:
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         max_audio_seconds=args.max_audio_seconds,
+        attention=args.attention,
+        full_attention_max_seconds=args.full_attention_max_seconds,
+        shm_growth_mb=args.shm_growth_mb,
         execution_env_path=args.execution_env_path,
         cpu_threads=args.cpu_threads,
     )
@@ -119,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         shm_prefix = f"parakeet_{os.getpid()}_"
         command = tritonserver_command(binary, repository, endpoints, shm_prefix=shm_prefix,
-                                       log_verbose=args.log_verbose, exit_timeout_secs=args.exit_timeout_secs)
+                                       log_verbose=args.log_verbose, exit_timeout_secs=args.exit_timeout_secs,
+                                       shm_growth_bytes=options.shm_growth_mb << 20)
         server = TritonServerProcess(command, stub_environment(binary), endpoints, shm_prefix=shm_prefix)
 
         def forward(signum, _frame):

@@ -147,6 +147,7 @@ def tritonserver_command(
     shm_prefix: str,
     log_verbose: int = 0,
     exit_timeout_secs: int = 8,
+    shm_growth_bytes: int = 64 << 20,
 ) -> list[str]:
     command = [str(binary.executable), f"--model-repository={model_repository}"]
     if binary.backend_dir is not None:
@@ -168,6 +169,8 @@ def tritonserver_command(
         f"--log-verbose={log_verbose}",
         # A unique prefix lets us remove the Python backend's /dev/shm regions should the server die uncleanly.
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        # Large requests (3 h of FP32 audio is ~690 MB) grow the stubs' regions in big steps, not 1 MiB ones.
+        f"--backend-config=python,shm-growth-byte-size={shm_growth_bytes}",
     ]
     return command
 

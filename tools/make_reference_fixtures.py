@@ -12,6 +12,7 @@ Small fixtures (committed under tests/fixtures/):
 
     /work/nemo-env/bin/python tools/make_reference_fixtures.py            # everything
     /work/nemo-env/bin/python tools/make_reference_fixtures.py --only v2_small
+    /work/nemo-env/bin/python tools/make_reference_fixtures.py --long       # long-audio references only
 
 Full-size random v3-config checkpoint (NOT committed; 2.5 GB):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import hashlib
 import json
 import os
@@ -691,6 +693,109 @@ def build_small(name: str, work: Path) -> None:
     print("  transcribe equal:", {k: v["equal_to_manual"] for k, v in ref["transcribe"].items()})
 
 
+# --------------------------------------------------------------------------------------------------
+# Long audio: NeMo's full and local attention (`--long`)
+# --------------------------------------------------------------------------------------------------
+
+# Attention settings NeMo is run with, as `change_attention_model` takes them (None: the checkpoint's full rel_pos).
+LONG_MODES = {"full": None, "local256": [256, 256], "local128": [128, 128]}
+# Full attention is quadratic: only the clip past 5,000 encoder frames is run with it.
+LONG_FULL_CLIPS = ["long_8min"]
+LONG_BATCH = ["long_16min", "long_8min", "speech_en", "short"]
+ENCODER_SLICE = 24
+
+
+def _long_model(nemo_path: Path, context):
+    from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+    import torch
+
+    model = EncDecRNNTBPEModel.restore_from(str(nemo_path), map_location="cpu")
+    if context is not None:
+        model.change_attention_model("rel_pos_local_attn", list(context))
+        if not model.cfg.encoder.get("use_bias", True):
+            # NeMo 3.0's change_attention_model builds the new attention modules with use_bias=True whatever the
+            # config says and loads the old weights with strict=False: on a use_bias=false checkpoint (the released
+            # v3) linear_q/k/v/out keep nn.Linear's random initial biases, different in every process. The
+            # checkpoint has no attention biases, so they are zero here.
+            with torch.no_grad():
+                for layer in model.encoder.layers:
+                    for linear in (layer.self_attn.linear_q, layer.self_attn.linear_k, layer.self_attn.linear_v,
+                                   layer.self_attn.linear_out):
+                        if linear.bias is not None:
+                            linear.bias.zero_()
+    model.change_subsampling_conv_chunking_factor(1)
+    model.eval()
+    set_timestamps(model, True)
+    return model
+
+
+def _encoder_slices(enc, length: int) -> dict:
+    """First, middle and last ENCODER_SLICE valid frames of one clip's encoder output [D, T]."""
+    middle = max(0, length // 2 - ENCODER_SLICE // 2)
+    starts = {"start": 0, "middle": middle, "end": max(0, length - ENCODER_SLICE)}
+    return {k: (v, enc[:, v : v + ENCODER_SLICE].T.numpy().astype(np.float32)) for k, v in starts.items()}
+
+
+def _long_record(hyp) -> dict:
+    """hyp_record without the per-token `chars` entries (tokens, frames and durations already say it all)."""
+    record = hyp_record(hyp)
+    record.pop("chars", None)
+    return record
+
+
+def build_long(name: str) -> None:
+    """Long-clip references of a committed small checkpoint: each clip alone and the mixed batch, per mode."""
+    sys.path.insert(0, str(REPO))
+    from tools.long_audio import LONG_CLIPS, long_clip, sha256
+
+    t0 = time.time()
+    nemo_path = FIXTURES / name / f"{name}.nemo"
+    signals = {k: long_clip(k) for k in LONG_CLIPS}
+    signals.update({k: read_clip(k) for k in ("speech_en", "short")})
+    arrays, modes = {}, {}
+    for mode, context in LONG_MODES.items():
+        model = _long_model(nemo_path, context)
+        alone = {}
+        for clip in (LONG_FULL_CLIPS if context is None else list(LONG_CLIPS)):
+            _, feat_len, enc, enc_len, hyps = run_batch(model, [signals[clip]])
+            el = int(enc_len[0])
+            slices = {}
+            for where, (start, values) in _encoder_slices(enc[0], el).items():
+                key = f"encoder.{mode}.{clip}.{where}"
+                arrays[key] = values
+                slices[where] = {"key": key, "first_frame": start}
+            alone[clip] = {"samples": int(len(signals[clip])), "feature_length": int(feat_len[0]),
+                           "encoder_length": el, "encoder_slices": slices, **_long_record(hyps[0])}
+            print(f"  {name} {mode} {clip}: {el} frames, {len(alone[clip]['tokens'])} tokens, {time.time() - t0:.0f} s")
+        record = {"context": context, "clips": alone}
+        if context is not None:
+            _, _, _, enc_len, hyps = run_batch(model, [signals[k] for k in LONG_BATCH])
+            record["batch"] = {"order": LONG_BATCH, "clips": {
+                k: {"encoder_length": int(enc_len[i]), **_long_record(hyps[i])} for i, k in enumerate(LONG_BATCH)}}
+            for k in LONG_BATCH:
+                if k in alone and record["batch"]["clips"][k]["tokens"] != alone[k]["tokens"]:
+                    print(f"WARNING: NeMo's batched tokens differ from alone for {k} ({mode})")
+        modes[mode] = record
+        del model
+    reference = {
+        "format": 1,
+        "checkpoint": nemo_path.name,
+        "versions": _versions(),
+        "arrays": "long_reference.npz",
+        "audio": {k: {"recipe": "tools/long_audio.py", "seconds": LONG_CLIPS[k], "samples": int(len(signals[k])),
+                      "sha256": sha256(signals[k])} for k in LONG_CLIPS},
+        "subsampling_conv_chunking_factor": 1,
+        "modes": modes,
+    }
+    out_dir = FIXTURES / name
+    np.savez_compressed(out_dir / "long_reference.npz", **arrays)
+    # Thousands of tokens per clip: compact and gzipped (mtime 0, so reruns give the same bytes).
+    with gzip.GzipFile(out_dir / "long_reference.json.gz", "wb", mtime=0) as f:
+        f.write(json.dumps(reference, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    print(f"{name}: long references in {time.time() - t0:.0f} s")
+
+
 HF_REPO = "nvidia/parakeet-tdt-0.6b-v3"
 HF_FILE = "parakeet-tdt-0.6b-v3.nemo"
 
@@ -783,6 +888,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-size", metavar="OUT_DIR", default=None,
                     help="build the full-size random v3-config checkpoint into OUT_DIR instead")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--long", nargs="*", metavar="CKPT", default=None,
+                    help="only (re)make the long-audio references of these committed checkpoints "
+                         "(default with no names: v3_small v2_small)")
     args = ap.parse_args(argv)
 
     import torch
@@ -791,6 +899,10 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="parakeet-fixtures-"))
     if args.full_size:
         build_full(Path(args.full_size), work)
+        return 0
+    if args.long is not None:
+        for name in args.long or ["v3_small", "v2_small"]:
+            build_long(name)
         return 0
     info = make_audio()
     (FIXTURES / "audio" / "audio.json").write_text(json.dumps(info, indent=1) + "\n")
