@@ -55,6 +55,7 @@ parakeet-serve --render-only "$repository"
 
 # The flags parakeet_triton.server.tritonserver_command gives the test suite's server, less the ones that only
 # matter there (loopback addresses, a per-process shared-memory prefix: a container has its own /dev/shm).
+shm_growth=",shm-growth-byte-size=$(( ${PARAKEET_SHM_GROWTH_MB:-64} * 1048576 ))"
 args=(
     --model-repository="$repository"
     --model-control-mode=none
@@ -67,6 +68,8 @@ args=(
     --metrics-port="${PARAKEET_METRICS_PORT:-8002}"
     --exit-timeout-secs="${PARAKEET_EXIT_TIMEOUT_SECS:-60}"
     --log-verbose="${PARAKEET_LOG_VERBOSE:-0}"
+    # Large requests (3 h of FP32 audio is ~690 MB) grow the stubs' /dev/shm regions in big steps.
+    "--backend-config=python${shm_growth}"
     # Long-lived gRPC channels pin a client to one pod; closing them now and then (GOAWAY; calls in flight
     # get the grace period) lets clients reconnect through the Service and reach pods the autoscaler added.
     --grpc-max-connection-age="${TRITON_GRPC_MAX_CONNECTION_AGE_MS:-600000}"

@@ -163,7 +163,7 @@ def test_settings_from_rendered_parameters():
     settings = glue.StageSettings.from_args(args_for(protocol.PREPROCESSOR_MODEL))
     assert settings.checkpoint == str(CHECKPOINT)
     assert settings.device == "cpu" and settings.outputs_on_cpu
-    assert settings.max_audio_seconds == 300.0 and settings.max_batch_size == 16
+    assert settings.max_audio_seconds == 10800.0 and settings.max_batch_size == 16
     assert glue.StageSettings.from_args(args_for(protocol.ENCODER_MODEL)).max_audio_seconds is None
 
 
