@@ -8,8 +8,14 @@
 # 2. Renders the model repository with `parakeet-serve --render-only` (every PARAKEET_* variable of the
 #    launcher applies: PARAKEET_DEVICE, PARAKEET_INSTANCE_KIND, PARAKEET_INSTANCES, PARAKEET_MAX_BATCH_SIZE,
 #    PARAKEET_MAX_QUEUE_DELAY_US, PARAKEET_MAX_AUDIO_SECONDS, ...).
-# 3. Replaces itself with tritonserver (exec), so tritonserver is the process the container runtime sends
+# 3. Starts the stub watchdog (python -m parakeet_triton.watchdog) in the background: should a model's backend
+#    process die, it stops tritonserver so that the container exits and is restarted, instead of a server that
+#    reports ready while every request fails.
+# 4. Replaces itself with tritonserver (exec), so tritonserver is the process the container runtime sends
 #    SIGTERM to; it finishes in-flight requests for up to PARAKEET_EXIT_TIMEOUT_SECS, then exits.
+#
+# Triton's admin APIs (shared-memory registration, logging, trace, model repository) need the header
+# parakeet-admin-key: $PARAKEET_ADMIN_KEY; without that variable the key is random, i.e. they are closed.
 #
 # Arguments starting with "-" are appended to tritonserver's command line (after TRITON_ARGS); any other
 # first argument is run as a command instead (`docker run IMAGE bash`).
@@ -56,9 +62,15 @@ parakeet-serve --render-only "$repository"
 # The flags parakeet_triton.server.tritonserver_command gives the test suite's server, less the ones that only
 # matter there (loopback addresses, a per-process shared-memory prefix: a container has its own /dev/shm).
 shm_growth=",shm-growth-byte-size=$(( ${PARAKEET_SHM_GROWTH_MB:-64} * 1048576 ))"
+admin_key="${PARAKEET_ADMIN_KEY:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')}"
+restricted="shared-memory,logging,trace,model-repository:parakeet-admin-key=${admin_key}"
+# Idle OpenMP threads of one stage sleep instead of spinning on the cores the other stages need.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 args=(
     --model-repository="$repository"
     --model-control-mode=none
+    --http-restricted-api="$restricted"
+    --grpc-restricted-protocol="$restricted"
     --disable-auto-complete-config
     --strict-readiness=true
     --exit-on-error=true
@@ -79,5 +91,8 @@ args=(
 read -r -a extra <<<"${TRITON_ARGS:-}"
 args+=("${extra[@]}" "$@")
 
-say "exec tritonserver ${args[*]}"
+say "exec tritonserver ${args[*]//${admin_key}/***}"
+# $$ stays this process's id across exec: the watchdog watches the tritonserver that replaces this shell.
+python3 -m parakeet_triton.watchdog --pid $$ \
+    --ready-url "http://127.0.0.1:${PARAKEET_HTTP_PORT:-8000}/v2/health/ready" &
 exec tritonserver "${args[@]}"

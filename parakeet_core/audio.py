@@ -17,6 +17,12 @@ from .errors import InvalidAudioError
 AudioItem = Union[str, os.PathLike, np.ndarray, torch.Tensor, tuple]
 
 
+# Largest sample magnitude accepted: full scale of 32-bit integer PCM. Float audio belongs in [-1, 1]; integer
+# sample values sent as floats still work (normalisation removes the scale), but beyond this nothing is audio and
+# the power spectrum heads for float32 overflow.
+MAX_SAMPLE_MAGNITUDE = 2.0**31
+
+
 def check_waveform(samples, *, max_samples: int | None = None, min_samples: int = 1, name: str = "audio") -> None:
     """Raise InvalidAudioError naming the problem unless `samples` is a usable 1-D float32 waveform."""
     if isinstance(samples, torch.Tensor):
@@ -42,6 +48,10 @@ def check_waveform(samples, *, max_samples: int | None = None, min_samples: int 
         raise InvalidAudioError(f"{name}: too long: {count} samples, the limit is {max_samples}")
     if not finite:
         raise InvalidAudioError(f"{name}: samples contain NaN or infinity")
+    peak = float(samples.abs().max()) if isinstance(samples, torch.Tensor) else float(np.abs(samples).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise InvalidAudioError(f"{name}: sample magnitude {peak:.3g} is not audio (expected floats in [-1, 1]; "
+                                f"at most {MAX_SAMPLE_MAGNITUDE:.3g}, 32-bit PCM full scale)")
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:

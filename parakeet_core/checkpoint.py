@@ -8,7 +8,9 @@ dict) and the SentencePiece tokenizer, which the config names as `nemo:<member>`
 from __future__ import annotations
 
 import os
+import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,37 @@ def _read_member(archive: tarfile.TarFile, members: dict[str, tarfile.TarInfo], 
     return handle
 
 
+def _read_archive(archive: tarfile.TarFile, path: Path, load_weights: bool):
+    members = _members_by_name(archive)
+    try:
+        raw_config = yaml.safe_load(_read_member(archive, members, _CONFIG_MEMBER, path).read())
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path}: model_config.yaml is not valid YAML: {exc}") from exc
+    if not isinstance(raw_config, dict):
+        raise CheckpointError(f"{path}: model_config.yaml does not hold a mapping")
+    config = ModelConfig.parse(raw_config)
+    tokenizer_name = os.path.basename(config.tokenizer_model.removeprefix("nemo:"))
+    tokenizer_model = _read_member(archive, members, tokenizer_name, path).read()
+    state_dict: dict[str, torch.Tensor] = {}
+    if load_weights:
+        weights = _read_member(archive, members, _WEIGHTS_MEMBER, path)
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{path}: model_weights.ckpt holds pickled Python objects besides tensors; refusing to load it "
+                "(only plain tensor state dicts are read, so that a checkpoint cannot run code)") from None
+        except (EOFError, tarfile.TarError, zlib.error):
+            raise
+        except Exception as exc:  # torch raises several unrelated types for corrupt files
+            raise CheckpointError(f"{path}: cannot load model_weights.ckpt: {exc}") from exc
+        if isinstance(state_dict, dict) and "state_dict" in state_dict:
+            state_dict = state_dict["state_dict"]
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{path}: model_weights.ckpt does not hold a state dict")
+    return raw_config, config, tokenizer_model, state_dict
+
+
 def read_nemo(path: str | os.PathLike, *, load_weights: bool = True) -> NemoCheckpoint:
     """Read a `.nemo` file: parse its config (validating the architecture), its weights and its tokenizer."""
     path = Path(path)
@@ -104,29 +137,32 @@ def read_nemo(path: str | os.PathLike, *, load_weights: bool = True) -> NemoChec
         archive = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable .nemo (tar) file: {exc}") from exc
-    with archive:
-        members = _members_by_name(archive)
-        try:
-            raw_config = yaml.safe_load(_read_member(archive, members, _CONFIG_MEMBER, path).read())
-        except yaml.YAMLError as exc:
-            raise CheckpointError(f"{path}: model_config.yaml is not valid YAML: {exc}") from exc
-        if not isinstance(raw_config, dict):
-            raise CheckpointError(f"{path}: model_config.yaml does not hold a mapping")
-        config = ModelConfig.parse(raw_config)
-        tokenizer_name = os.path.basename(config.tokenizer_model.removeprefix("nemo:"))
-        tokenizer_model = _read_member(archive, members, tokenizer_name, path).read()
-        state_dict: dict[str, torch.Tensor] = {}
-        if load_weights:
-            weights = _read_member(archive, members, _WEIGHTS_MEMBER, path)
-            try:
-                state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises several unrelated types for corrupt files
-                raise CheckpointError(f"{path}: cannot load model_weights.ckpt: {exc}") from exc
-            if isinstance(state_dict, dict) and "state_dict" in state_dict:
-                state_dict = state_dict["state_dict"]
-            if not isinstance(state_dict, dict):
-                raise CheckpointError(f"{path}: model_weights.ckpt does not hold a state dict")
+    try:
+        with archive:
+            raw_config, config, tokenizer_model, state_dict = _read_archive(archive, path, load_weights)
+    except (EOFError, tarfile.TarError, zlib.error) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt .nemo file ({type(exc).__name__}: {exc})") from exc
     return NemoCheckpoint(path, raw_config, config, state_dict, tokenizer_model)
+
+
+def check_nemo(path: str | os.PathLike) -> NemoCheckpoint:
+    """Read a `.nemo`'s config and tokenizer (validating them) and check its weights are all there, unloaded.
+
+    For an uncompressed tar (NeMo's layout) the weights member must end within the file, which finds a truncated
+    download in milliseconds; compressed archives are only checked as far as their headers."""
+    checkpoint = read_nemo(path, load_weights=False)
+    try:
+        with tarfile.open(path, "r:") as archive:
+            member = _members_by_name(archive).get(_WEIGHTS_MEMBER)
+            if member is None:
+                raise CheckpointError(f"{path}: not a NeMo checkpoint, it has no {_WEIGHTS_MEMBER}")
+            size = os.path.getsize(path)
+            if member.offset_data + member.size > size:
+                raise CheckpointError(f"{path}: truncated .nemo file: {_WEIGHTS_MEMBER} needs "
+                                      f"{member.offset_data + member.size} bytes, the file has {size}")
+    except tarfile.ReadError:
+        pass  # compressed
+    return checkpoint
 
 
 def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

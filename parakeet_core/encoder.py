@@ -179,6 +179,10 @@ class RelativePositionalEncoding(nn.Module):
         return self._table(context + 1).to(device=self.pe.device, dtype=dtype)
 
 
+# Full attention on long clips: position scores (query rows x (2T - 1) positions x heads) held at once, fp32.
+_FULL_SCORES_PER_BLOCK = 1 << 25
+
+
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, bias: bool):
         super().__init__()
@@ -233,14 +237,39 @@ class RelPositionSelfAttention(nn.Module):
         q_content = (q + self.pos_bias_u).transpose(1, 2)
         # The position embeddings are shared by the batch: one product per head over all clips' queries,
         # rather than broadcasting them to every clip.
-        q_position = (q + self.pos_bias_v).permute(2, 0, 1, 3).reshape(self.heads, batch * steps, self.head_dim)
-        position_scores = torch.matmul(q_position, p).view(self.heads, batch, steps, -1).transpose(0, 1)
-        position_scores = self._relative_shift(position_scores)[..., :steps]
-        bias = (position_scores / math.sqrt(self.head_dim)).masked_fill(masked[:, None], _MASKED_SCORE)
-        out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias)
+        q_position = (q + self.pos_bias_v).permute(2, 0, 1, 3)  # [H, B, T, d]
         fully_masked_queries = masked.all(dim=-1)[:, None, :, None]
+        rows = max(64, _FULL_SCORES_PER_BLOCK // (self.heads * p.shape[-1]))
+        if rows >= steps:
+            q_position = q_position.reshape(self.heads, batch * steps, self.head_dim)
+            position_scores = torch.matmul(q_position, p).view(self.heads, batch, steps, -1).transpose(0, 1)
+            position_scores = self._relative_shift(position_scores)[..., :steps]
+            bias = (position_scores / math.sqrt(self.head_dim)).masked_fill(masked[:, None], _MASKED_SCORE)
+            out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias)
+        else:
+            # Long clips: a block of queries at a time, so the position scores (T x (2T - 1) per head) and the
+            # attention bias are never held for the whole clip; each query row is computed as in one pass.
+            out = torch.cat([
+                F.scaled_dot_product_attention(
+                    q_content[:, :, first : first + rows], k, v,
+                    attn_mask=self._shifted_block(q_position, p, first, min(steps, first + rows))
+                    .div_(math.sqrt(self.head_dim)).masked_fill_(masked[:, None, first : first + rows], _MASKED_SCORE))
+                for first in range(0, steps, rows)
+            ], dim=2)
         out = out.masked_fill(fully_masked_queries, 0.0)
         return self.linear_out(out.transpose(1, 2).reshape(batch, steps, -1))
+
+    def _shifted_block(self, q_position: torch.Tensor, p: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Relative-position scores of queries first..last-1 against every key: [B, H, last - first, T].
+
+        Query t takes positions T-1-t .. 2T-2-t of its row of `q_position @ p` (the Transformer-XL shift,
+        which `_relative_shift` does for the whole square at once)."""
+        heads, batch, steps, dim = q_position.shape
+        count, positions = last - first, p.shape[-1]
+        raw = torch.matmul(q_position[:, :, first:last].reshape(heads, batch * count, dim), p)
+        raw = raw.view(heads, batch, count, positions).transpose(0, 1).contiguous()
+        return raw.as_strided((batch, heads, count, steps), (heads * count * positions, count * positions,
+                                                             positions - 1, 1), steps - 1 - first)
 
 
 class ConvolutionModule(nn.Module):

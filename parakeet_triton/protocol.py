@@ -16,6 +16,11 @@ TIMESTAMPS = "TIMESTAMPS"
 
 SAMPLE_RATE = 16000
 
+# Request header (HTTP) / metadata key (gRPC) carrying the operator key for Triton's restricted admin APIs.
+ADMIN_KEY_HEADER = "parakeet-admin-key"
+# Triton 2.51's gRPC server expects restricted-protocol metadata keys with this prefix.
+GRPC_ADMIN_KEY_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_HEADER
+
 # Tensors between the composing models of the ensemble (internal; clients never see them).
 # preprocessor -> encoder
 FEATURES = "FEATURES"  # FP32 [B, F, T'] log-mel features (F from the checkpoint config)

@@ -46,6 +46,13 @@ class RenderOptions:
     """Largest batch (in clips) of every model, the ensemble included."""
     max_queue_delay_us: int = 1000
     """Dynamic-batching queue delay of the encoder and decoder, in microseconds."""
+    max_queue_size: int = 128
+    """Requests each composing model holds waiting (0: unbounded). Past it a request is refused at once with
+    UNAVAILABLE ("Exceeds maximum queue size"), which clients retry with backoff, instead of waiting past
+    their timeout."""
+    queue_timeout_s: float = 0.0
+    """Longest wait in each composing model's queue before a request is refused with UNAVAILABLE (0: no limit).
+    Execution time does not count."""
     max_audio_seconds: float = 10800.0
     """Longest clip accepted (default 3 hours); longer clips get an error response."""
     attention: str = "auto"
@@ -59,8 +66,9 @@ class RenderOptions:
     execution_env_path: str | None = None
     """Optional `EXECUTION_ENV_PATH` for the Python backend stub (a venv/conda directory or packed .tar.gz)."""
     cpu_threads: int | None = None
-    """torch intra-op threads of each composing model instance; None keeps torch's default (one per core). Each
-    stage is its own process, so at concurrency >= 2 on a small CPU, 1 avoids oversubscribing the cores."""
+    """torch intra-op threads of each composing model instance. None: for CPU instances, the usable cores (CPU
+    affinity and cgroup quota) divided among the 3 x `instances` stage processes that share them, at least 1;
+    GPU instances keep torch's default."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
@@ -79,6 +87,10 @@ class RenderOptions:
             not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool) or self.cpu_threads < 1
         ):
             raise ValueError(f"cpu_threads must be an integer >= 1 (or unset); got {self.cpu_threads!r}")
+        if not isinstance(self.max_queue_size, int) or isinstance(self.max_queue_size, bool) or self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be an integer >= 0 (0: unbounded); got {self.max_queue_size!r}")
+        if not (isinstance(self.queue_timeout_s, (int, float)) and 0 <= self.queue_timeout_s < 1e6):
+            raise ValueError(f"queue_timeout_s must be >= 0 seconds (0: no limit); got {self.queue_timeout_s!r}")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0; got {self.max_queue_delay_us!r}")
         if not (isinstance(self.max_audio_seconds, (int, float)) and self.max_audio_seconds > 0):
@@ -93,6 +105,24 @@ class RenderOptions:
             return AttentionPolicy.parse(str(self.attention), full_attention_max_seconds=self.full_attention_max_seconds)
         except ValueError as error:
             raise ValueError(f"attention / full_attention_max_seconds: {error}") from None
+
+    @property
+    def stage_cpu_threads(self) -> int | None:
+        """The torch threads rendered for each composing model (see `cpu_threads`); None: torch's default."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        if self.triton_instance_kind != "KIND_CPU" and self.device != "cpu":
+            return None
+        return max(1, usable_cpus() // (len(COMPOSING_MODELS) * self.instances))
+
+    @property
+    def queue_policy(self) -> str:
+        """The `default_queue_policy` block of each composing model's dynamic_batching."""
+        fields = [f"max_queue_size: {self.max_queue_size}"]
+        if self.queue_timeout_s > 0:
+            fields += ["timeout_action: REJECT",
+                       f"default_timeout_microseconds: {round(self.queue_timeout_s * 1e6)}"]
+        return "  default_queue_policy { " + " ".join(fields) + " }"
 
     @property
     def triton_instance_kind(self) -> str:
@@ -112,6 +142,21 @@ class RenderOptions:
         """Powers of two from 2 up to max_batch_size, plus max_batch_size itself."""
         sizes = [size for size in (2**k for k in range(1, 16)) if size < self.max_batch_size]
         return sizes[-3:] + [self.max_batch_size] if self.max_batch_size > 1 else []
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers, pods)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
 
 
 def template_dir() -> Path:
@@ -149,8 +194,9 @@ def model_parameters(options: RenderOptions, model: str) -> dict[str, str]:
     # GPU instances take their inputs where the previous stage left them (GPU tensors via DLPack); KIND_CPU
     # instances (Jetson-style) only ever see CPU tensors, as the Python backend there has no GPU tensors.
     params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "yes" if options.triton_instance_kind == "KIND_CPU" else "no"
-    if options.cpu_threads is not None:
-        params["cpu_threads"] = str(options.cpu_threads)
+    threads = options.stage_cpu_threads
+    if threads is not None:
+        params["cpu_threads"] = str(threads)
     if options.execution_env_path:
         params["EXECUTION_ENV_PATH"] = options.execution_env_path
     return params
@@ -165,6 +211,7 @@ def render_config(options: RenderOptions, model: str, templates: Path | None = N
     values.update(
         max_batch_size=str(options.max_batch_size),
         max_queue_delay_us=str(options.max_queue_delay_us),
+        queue_policy=options.queue_policy,
         instances=str(options.instances),
         instance_kind=options.triton_instance_kind,
         preferred_batch_sizes=(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""),

@@ -10,7 +10,9 @@ PARAKEET_HTTP_PORT); a command-line flag wins over the variable. See docs/servin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -18,7 +20,9 @@ from pathlib import Path
 
 from . import protocol
 from .render import DEFAULT_CHECKPOINT, DEVICES, INSTANCE_KINDS, RenderOptions, render_repository
-from .server import Endpoints, TritonServerProcess, find_tritonserver, stub_environment, tritonserver_command
+from .server import (Endpoints, TritonServerProcess, busy_ports, find_tritonserver, stub_environment,
+                     tritonserver_command)
+from .watchdog import StubWatchdog, stop_process
 
 ENV_PREFIX = "PARAKEET_"
 
@@ -49,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest batch in clips, per request and per dynamic batch (default: %(default)s)")
     model.add_argument("--max-queue-delay-us", type=int, default=int(_env("MAX_QUEUE_DELAY_US", 1000)),
                        help="dynamic-batching queue delay of the encoder and decoder, microseconds (default: %(default)s)")
+    model.add_argument("--max-queue-size", type=int, default=int(_env("MAX_QUEUE_SIZE", 128)),
+                       help="requests each stage holds waiting; past it requests are refused at once with UNAVAILABLE "
+                       "(0: unbounded) (default: %(default)s)")
+    model.add_argument("--queue-timeout-s", type=float, default=float(_env("QUEUE_TIMEOUT_S", 0.0)),
+                       help="longest wait in a stage's queue before a request is refused with UNAVAILABLE "
+                       "(0: no limit) (default: %(default)s)")
     model.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 10800.0)),
                        help="longest clip accepted; longer clips get an error response (default: %(default)s = 3 h)")
     model.add_argument("--attention", default=_env("ATTENTION", "auto"),
@@ -61,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--shm-growth-mb", type=int, default=int(_env("SHM_GROWTH_MB", 64)),
                        help="growth step of each Python-backend stub's /dev/shm region in MiB (default: %(default)s)")
     model.add_argument("--cpu-threads", type=int, default=_env("CPU_THREADS", None) or None,
-                       help="torch intra-op threads per model instance (default: torch's, one per core); "
-                       "1 suits concurrent requests on a small CPU")
+                       help="torch intra-op threads per model instance (default for CPU instances: the usable cores "
+                       "divided among the 3 x --instances stage processes, at least 1; GPU instances: torch's)")
     model.add_argument("--execution-env-path", default=_env("EXECUTION_ENV_PATH", None) or None,
                        help="EXECUTION_ENV_PATH for the Python backend stub (venv/conda directory or packed .tar.gz); "
                        "not needed when the stub's `python3` on PATH has parakeet-triton installed")
@@ -80,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tritonserver binary (default: the one on PATH, else the nvidia-pytriton wheel's)")
     server.add_argument("--ready-timeout", type=float, default=float(_env("READY_TIMEOUT", 1800)),
                         help="seconds to wait for the server to load and become ready (default: %(default)s)")
+    server.add_argument("--admin-key", default=_env("ADMIN_KEY", None) or None,
+                        help=f"operator key for Triton's admin APIs (shared-memory registration, logging, trace, "
+                        f"model repository): callers send it as the '{protocol.ADMIN_KEY_HEADER}' HTTP header or the "
+                        f"'{protocol.GRPC_ADMIN_KEY_HEADER}' gRPC metadata. "
+                        "Default: a random key per start, i.e. closed to everyone")
     server.add_argument("--exit-timeout-secs", type=int, default=int(_env("EXIT_TIMEOUT_SECS", 8)),
                         help="on SIGTERM/SIGINT, seconds tritonserver waits for in-flight requests (default: %(default)s)")
     return parser
@@ -93,6 +108,8 @@ def render_options(args: argparse.Namespace) -> RenderOptions:
         instances=args.instances,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size,
+        queue_timeout_s=args.queue_timeout_s,
         max_audio_seconds=args.max_audio_seconds,
         attention=args.attention,
         full_attention_max_seconds=args.full_attention_max_seconds,
@@ -100,6 +117,15 @@ def render_options(args: argparse.Namespace) -> RenderOptions:
         execution_env_path=args.execution_env_path,
         cpu_threads=args.cpu_threads,
     )
+
+
+def _checked_checkpoint(source: str) -> Path:
+    """The local `.nemo` for `source` (a Hugging Face id is fetched once, here), checked before Triton starts."""
+    from parakeet_core.checkpoint import check_nemo, resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    check_nemo(path)
+    return path
 
 
 def _say(message: str) -> None:
@@ -120,7 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    busy = busy_ports(endpoints)
+    if busy:
+        _say("error: " + "; ".join(busy))
+        return 2
+    try:
+        options = dataclasses.replace(options, checkpoint=str(_checked_checkpoint(options.checkpoint)))
+    except Exception as error:  # CheckpointError, or anything the Hub client raises
+        _say(f"error: checkpoint {options.checkpoint!r}: {error}")
+        return 2
+    admin_key = args.admin_key or secrets.token_urlsafe(24)
     stop_signals: list[int] = []
+    watchdogs: list[StubWatchdog] = []
+    deaths: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="parakeet-serve-") as work:
         repository = render_repository(options, Path(work) / "model_repository")
@@ -132,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         shm_prefix = f"parakeet_{os.getpid()}_"
         command = tritonserver_command(binary, repository, endpoints, shm_prefix=shm_prefix,
                                        log_verbose=args.log_verbose, exit_timeout_secs=args.exit_timeout_secs,
-                                       shm_growth_bytes=options.shm_growth_mb << 20)
+                                       shm_growth_bytes=options.shm_growth_mb << 20, admin_key=admin_key)
         server = TritonServerProcess(command, stub_environment(binary), endpoints, shm_prefix=shm_prefix)
 
         def forward(signum, _frame):
             stop_signals.append(signum)
+            for watchdog in watchdogs:
+                watchdog.stop()
             # first signal: graceful shutdown; a second one: kill
             server.signal(signal.SIGTERM if len(stop_signals) == 1 else signal.SIGKILL)
 
@@ -149,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             if ready and not stop_signals:
                 _say(f"ready: HTTP http://{endpoints.http_url}  gRPC {endpoints.grpc_url}  metrics {endpoints.metrics_url}  "
                      f"model '{protocol.ENSEMBLE_MODEL}' (pid {server.pid})")
+
+                def on_death(model: str, pid: int) -> None:
+                    deaths.append(f"the {model!r} stage's backend process (pid {pid}) died")
+                    _say(f"error: {deaths[-1]}; stopping tritonserver so that it can be restarted")
+                    stop_process(server.pid, grace=3.0)
+
+                watchdogs.append(StubWatchdog(server.pid, on_death))
+                watchdogs[0].start()
             elif not stop_signals:
                 if server.poll() is None:
                     _say(f"error: tritonserver not ready after {args.ready_timeout:.0f} s; stopping it")
@@ -158,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                 _say(f"error: tritonserver exited with code {code} before it was ready:\n{server.failure_reason()}")
                 return code or 1
             code = server.wait()
+            for watchdog in watchdogs:
+                watchdog.stop()
+            if deaths:
+                _say(f"error: tritonserver stopped (exit code {code}) because {deaths[0]}")
+                return 3
             if stop_signals:
                 _say(f"tritonserver stopped (exit code {code})")
                 return code

@@ -27,6 +27,12 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TextIO
 
+# Admin surfaces closed to callers without the operator key (header `protocol.ADMIN_KEY_HEADER`): registering
+# shared memory (a client can point Triton at the Python backend's own regions), log settings, tracing, and
+# repository control. Health, metadata, model config, statistics and inference stay open (clients and
+# perf_analyzer use them).
+RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
+
 ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE:|^error: |failed to load")
 LOAD_FAILURE = re.compile(r"UNAVAILABLE:|^error: |failed to load")
 
@@ -105,6 +111,9 @@ def stub_environment(binary: TritonBinary, base: dict[str, str] | None = None) -
     if env.get("LD_LIBRARY_PATH"):
         library_dirs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(library_dirs)
+    # Idle OpenMP threads sleep instead of spinning: three stage processes share the cores, and spinning threads
+    # of an idle stage take them from the busy one (and from neighbours on the node).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -139,6 +148,23 @@ class Endpoints:
         return f"http://{self.http_url}/v2/health/ready"
 
 
+def busy_ports(endpoints: Endpoints) -> list[str]:
+    """The endpoints' ports that something else already listens on, as messages (empty: all free)."""
+    import socket
+
+    busy = []
+    host = endpoints.host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for name, port in (("HTTP", endpoints.http_port), ("gRPC", endpoints.grpc_port), ("metrics", endpoints.metrics_port)):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as error:
+                busy.append(f"{name} port {port} on {host} is not available ({error.strerror or error})")
+    return busy
+
+
 def tritonserver_command(
     binary: TritonBinary,
     model_repository: str | os.PathLike,
@@ -148,7 +174,15 @@ def tritonserver_command(
     log_verbose: int = 0,
     exit_timeout_secs: int = 8,
     shm_growth_bytes: int = 64 << 20,
+    admin_key: str,
 ) -> list[str]:
+    """tritonserver's command line; `admin_key` is the value callers must send in `ADMIN_KEY_HEADER` to reach
+    the restricted APIs (`RESTRICTED_APIS`)."""
+    from . import protocol
+
+    if not admin_key or any(c in admin_key for c in " ,:=\n"):
+        raise ValueError("admin key must be non-empty, without blanks, ',', ':' or '='")
+    restricted = f"{','.join(RESTRICTED_APIS)}:{protocol.ADMIN_KEY_HEADER}={admin_key}"
     command = [str(binary.executable), f"--model-repository={model_repository}"]
     if binary.backend_dir is not None:
         command.append(f"--backend-directory={binary.backend_dir}")
@@ -162,6 +196,9 @@ def tritonserver_command(
         "--allow-metrics=true",
         f"--metrics-address={endpoints.host}",
         f"--metrics-port={endpoints.metrics_port}",
+        "--model-control-mode=none",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
         "--disable-auto-complete-config",
         "--strict-readiness=true",
         "--exit-on-error=true",

@@ -97,6 +97,7 @@ def test_corrupt_file_error_names_the_file(model, tmp_path):
         (np.zeros(1600, dtype=np.int16), "float32"),
         (np.zeros((2, 1600), dtype=np.float32), "1-D"),
         (np.zeros(10, dtype=np.float32), "too short"),
+        (np.full(1600, 0.1e30, dtype=np.float32), "not audio"),
         (np.zeros(16001, dtype=np.float32), "too long"),
     ],
 )

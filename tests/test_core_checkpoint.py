@@ -113,3 +113,45 @@ def test_repo_id_resolves_from_hugging_face_cache_offline(v3_path, tmp_path, mon
     assert resolved.name == "parakeet-tdt-0.6b-v3.nemo"
     model = parakeet_core.from_pretrained("nvidia/parakeet-tdt-0.6b-v3", device="cpu", cache_dir=tmp_path)
     assert model.config.decoder.vocab_size == 8192
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_truncated_file_is_refused_as_truncated(v3_path, tmp_path, gzip):
+    whole = _rewrite_nemo(v3_path, tmp_path / "whole.nemo", gzip=gzip).read_bytes()
+    cut = tmp_path / "cut.nemo"
+    cut.write_bytes(whole[: len(whole) * 3 // 4])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_nemo(cut)
+
+
+def test_check_nemo_finds_truncated_weights_without_loading_them(v3_path, tmp_path):
+    from parakeet_core.checkpoint import check_nemo
+
+    assert check_nemo(v3_path).state_dict == {}
+    whole = v3_path.read_bytes() if hasattr(v3_path, "read_bytes") else open(v3_path, "rb").read()
+    cut = tmp_path / "cut.nemo"
+    cut.write_bytes(whole[: len(whole) - 100_000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        check_nemo(cut)
+
+
+class NotATensor:
+    """A class torch's weights-only unpickler does not allow."""
+
+
+def test_pickled_objects_are_refused_without_advice_to_unpickle(v3_path, tmp_path):
+    import torch
+
+    evil = io.BytesIO()
+    torch.save({"encoder.x": NotATensor()}, evil)
+    target = tmp_path / "evil.nemo"
+    with tarfile.open(v3_path) as archive, tarfile.open(target, "w") as out:
+        for member in archive.getmembers():
+            data = archive.extractfile(member).read() if member.isfile() else None
+            if os.path.basename(member.name) == "model_weights.ckpt":
+                data = evil.getvalue()
+                member.size = len(data)
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    with pytest.raises(CheckpointError, match="pickled Python objects") as caught:
+        read_nemo(target)
+    assert "weights_only" not in str(caught.value) and "trust" not in str(caught.value)

@@ -9,7 +9,13 @@ import torch
 from core_fixtures import fixture_names, load_fixture, load_model
 
 FIXTURE_NAMES = fixture_names()
+# On the CPU that made the fixtures the features are bit-identical to NeMo's. torch's CPU FFT takes a different
+# code path on other CPUs; its rounding, largest in the low-energy bins of pre-emphasised noise and amplified by
+# per-feature normalisation, moved 2 of 25,728 noise values by 1.2e-4 on a CI host. So: nearly all within 1e-4,
+# none beyond 1e-3.
 MEL_TOLERANCE = 1e-4
+MEL_OUTLIER_TOLERANCE = 1e-3
+MEL_OUTLIER_FRACTION = 1e-3
 ENCODER_TOLERANCE = 1e-4
 BATCH_TOLERANCE = 1e-5
 
@@ -49,7 +55,9 @@ def test_features_match_nemo(name, clip):
     assert features.shape[1] == expected["feature_frames"]
     if expected.get("mel_key") in fixture.arrays:
         reference = fixture.arrays[expected["mel_key"]]
-        np.testing.assert_allclose(features.numpy(), reference, atol=MEL_TOLERANCE, rtol=0)
+        np.testing.assert_allclose(features.numpy(), reference, atol=MEL_OUTLIER_TOLERANCE, rtol=0)
+        outside = np.abs(features.numpy() - reference) > MEL_TOLERANCE
+        assert outside.mean() <= MEL_OUTLIER_FRACTION, f"{outside.sum()} of {outside.size} values differ by > 1e-4"
 
 
 @pytest.mark.parametrize("name,clip", _cases())

@@ -769,13 +769,40 @@ def test_ready_only_after_every_model_warmed_up(jetson_server):
         assert warmed and warmed[0] < http_started, model
 
 
+def test_entrypoint_stops_tritonserver_when_a_stage_process_dies(tmp_path):
+    """kill -9 of the encoder's stub: the entrypoint's watchdog names it and stops tritonserver, so the container
+    exits (and the kubelet restarts it) instead of answering ready while every request fails."""
+    from parakeet_triton.watchdog import backend_stubs
+
+    env = {"PARAKEET_CHECKPOINT": str(V3_SMALL), "PARAKEET_DEVICE": "cpu", "PARAKEET_EXIT_TIMEOUT_SECS": "5"}
+    server = EntrypointServer(tmp_path, env).start()
+    try:
+        deadline = time.monotonic() + 30
+        while "parakeet-watchdog: watching 3 backend processes" not in server.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        stubs = backend_stubs(server.process.pid)
+        encoder = next(pid for pid, model in stubs.items() if model == "encoder")
+        os.kill(encoder, signal.SIGKILL)
+        killed = time.monotonic()
+        server.process.wait(60)
+        elapsed = time.monotonic() - killed
+    finally:
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert f"parakeet-watchdog: error: the 'encoder' stage's backend process (pid {encoder}) died" in log
+    assert elapsed < 10, f"tritonserver ran {elapsed:.1f} s after the stage died"
+    assert "parakeet-admin-key=" in log and "parakeet-admin-key=***" in log  # the key is not logged
+
+
 def test_entrypoint_flags_match_the_test_suites_server():
     """The flags the images give tritonserver are those parakeet-serve gives it in the tests (same configs,
     same strictness), apart from the per-process ones."""
     from parakeet_triton.server import Endpoints, TritonBinary, tritonserver_command
 
     binary = TritonBinary(Path("/x/tritonserver"), None, None, (), "test")
-    flags = {f.split("=")[0] for f in tritonserver_command(binary, "/repo", Endpoints(), shm_prefix="p")[1:]}
+    flags = {f.split("=")[0] for f in tritonserver_command(binary, "/repo", Endpoints(), shm_prefix="p",
+                                                                 admin_key="k")[1:]}
     per_process = {"--http-address", "--grpc-address", "--metrics-address", "--backend-config", "--backend-directory",
                    "--cache-directory"}
     script = (ROOT / "docker" / "entrypoint.sh").read_text()

@@ -199,6 +199,26 @@ def test_banded_attention_equals_dense_attention_masked_to_the_band(steps, conte
     np.testing.assert_allclose(local[valid].numpy(), dense[valid].numpy(), atol=1e-5, rtol=0)
 
 
+def test_full_attention_in_query_blocks_equals_one_pass(monkeypatch):
+    """Long clips get full attention a block of query rows at a time: the same values as one pass, padded
+    batch-mates included."""
+    import parakeet_core.encoder as encoder_module
+
+    model = load_model("v3_small")
+    fixture = load_fixture("v3_small")
+    waveforms = [torch.from_numpy(fixture.clip_samples(clip)) for clip in ("long", "speech_en")]
+    features, lengths = model.featurize(torch.nn.utils.rnn.pad_sequence(waveforms, batch_first=True),
+                                        torch.tensor([len(w) for w in waveforms]))
+    whole, whole_lengths = model.encode(features, lengths, attention="full")
+    steps = int(whole_lengths.max())
+    heads = model.encoder.layers[0].self_attn.heads
+    monkeypatch.setattr(encoder_module, "_FULL_SCORES_PER_BLOCK", heads * (2 * steps - 1) * 100)  # 100 rows
+    blocked, blocked_lengths = model.encode(features, lengths, attention="full")
+    assert torch.equal(whole_lengths, blocked_lengths) and steps > 300
+    for row, length in enumerate(whole_lengths.tolist()):
+        assert torch.equal(blocked[row, :length], whole[row, :length])
+
+
 def test_subsampling_in_time_chunks_equals_one_pass(monkeypatch):
     encoder = load_model("v3_small").encoder
     clip = torch.from_numpy(samples("v3_small", "long"))

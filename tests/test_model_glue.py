@@ -180,7 +180,11 @@ def test_settings_errors_are_clear():
 def test_cpu_threads_setting_parsed_and_checked():
     options = RenderOptions(checkpoint=str(CHECKPOINT), device="cpu", cpu_threads=1)
     assert glue.StageSettings.from_args(args_for(protocol.DECODER_MODEL, options)).cpu_threads == 1
-    assert glue.StageSettings.from_args(args_for(protocol.DECODER_MODEL)).cpu_threads is None
+    from parakeet_triton.render import usable_cpus
+
+    assert glue.StageSettings.from_args(args_for(protocol.DECODER_MODEL)).cpu_threads == max(1, usable_cpus() // 3)
+    gpu = RenderOptions(checkpoint=str(CHECKPOINT), device="cuda")
+    assert "cpu_threads" not in model_parameters(gpu, protocol.DECODER_MODEL)  # GPU instances: torch's default
     bad = json.loads(args_for(protocol.DECODER_MODEL)["model_config"])
     bad["parameters"]["cpu_threads"] = {"string_value": "two"}
     with pytest.raises(ValueError, match="parameter 'cpu_threads' must be an integer >= 1; got 'two'"):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from parakeet_triton import protocol, serve
-from parakeet_triton.render import ALL_MODELS, COMPOSING_MODELS, RenderOptions, render_config, render_repository
+from parakeet_triton.render import (ALL_MODELS, COMPOSING_MODELS, RenderOptions, render_config, render_repository,
+                                    usable_cpus)
 from parakeet_triton.server import Endpoints, find_tritonserver, stub_environment, tritonserver_command
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -52,8 +53,14 @@ def test_variants_render_valid_configs(device, instance_kind, expected_kind, for
         p = params(config)
         assert p["checkpoint"] == "nvidia/parakeet-tdt-0.6b-v3" and p["device"] == device
         assert p["FORCE_CPU_ONLY_INPUT_TENSORS"] == force_cpu_inputs
-        assert "EXECUTION_ENV_PATH" not in p and "cpu_threads" not in p
+        assert "EXECUTION_ENV_PATH" not in p
+        if expected_kind == KIND.KIND_CPU or device == "cpu":  # CPU stage processes share the cores
+            assert p["cpu_threads"] == str(max(1, usable_cpus() // 9))
+        else:
+            assert "cpu_threads" not in p
         assert config.HasField("dynamic_batching")
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == 128 and policy.default_timeout_microseconds == 0
     for model in (protocol.ENCODER_MODEL, protocol.DECODER_MODEL):
         batching = parsed(options, model).dynamic_batching
         assert batching.max_queue_delay_microseconds == 2500
@@ -155,7 +162,8 @@ def test_cli_flags_are_stable():
     actions = {option for action in serve.build_parser()._actions for option in action.option_strings}
     for flag in ("--checkpoint", "--device", "--instance-kind", "--instances", "--max-batch-size", "--max-audio-seconds",
                  "--max-queue-delay-us", "--host", "--http-port", "--grpc-port", "--metrics-port", "--render-only",
-                 "--log-verbose", "--execution-env-path", "--tritonserver"):
+                 "--log-verbose", "--execution-env-path", "--tritonserver", "--max-queue-size", "--queue-timeout-s",
+                 "--admin-key", "--attention", "--full-attention-max-seconds"):
         assert flag in actions
 
 
@@ -179,8 +187,14 @@ def test_wheel_tritonserver_gets_a_stub_backend_for_this_python(tmp_path, monkey
 def test_tritonserver_command(tmp_path):
     pytest.importorskip("pytriton")
     binary = find_tritonserver(tmp_path)
-    command = tritonserver_command(binary, tmp_path / "repo", Endpoints("0.0.0.0", 1, 2, 3), shm_prefix="p_1_")
+    command = tritonserver_command(binary, tmp_path / "repo", Endpoints("0.0.0.0", 1, 2, 3), shm_prefix="p_1_",
+                                   admin_key="k3y")
     assert f"--model-repository={tmp_path / 'repo'}" in command
+    assert "--model-control-mode=none" in command
+    restricted = "shared-memory,logging,trace,model-repository:parakeet-admin-key=k3y"
+    assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
+    with pytest.raises(ValueError, match="admin key"):
+        tritonserver_command(binary, tmp_path / "repo", Endpoints(), shm_prefix="p", admin_key="a:b")
     for flag in ("--http-port=1", "--grpc-port=2", "--metrics-port=3", "--http-address=0.0.0.0",
                  "--backend-config=python,shm-region-prefix-name=p_1_", "--exit-timeout-secs=8"):
         assert flag in command
@@ -198,6 +212,36 @@ def test_missing_tritonserver_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("parakeet_triton.server._pytriton_root", lambda: None)
     with pytest.raises(FileNotFoundError, match="no tritonserver found"):
         find_tritonserver(tmp_path)
+
+
+def test_queue_limits_rendered_into_every_composing_model():
+    options = RenderOptions(checkpoint="x", device="cpu", max_queue_size=4, queue_timeout_s=2.5)
+    for model in COMPOSING_MODELS:
+        policy = parsed(options, model).dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == 4 and policy.default_timeout_microseconds == 2_500_000
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    with pytest.raises(ValueError, match="max_queue_size must be an integer >= 0"):
+        RenderOptions(checkpoint="x", max_queue_size=-1)
+    with pytest.raises(ValueError, match="queue_timeout_s must be >= 0"):
+        RenderOptions(checkpoint="x", queue_timeout_s=-1)
+
+
+def test_default_cpu_threads_share_the_usable_cores(monkeypatch):
+    from parakeet_triton import render
+
+    monkeypatch.setattr(render, "usable_cpus", lambda: 16)
+    assert RenderOptions(checkpoint="x", device="cpu").stage_cpu_threads == 5
+    assert RenderOptions(checkpoint="x", device="cpu", instances=2).stage_cpu_threads == 2
+    assert RenderOptions(checkpoint="x", device="cpu", instances=8).stage_cpu_threads == 1
+    assert RenderOptions(checkpoint="x", device="cuda").stage_cpu_threads is None
+    assert RenderOptions(checkpoint="x", device="cuda", instance_kind="KIND_CPU").stage_cpu_threads == 5
+    assert RenderOptions(checkpoint="x", device="cpu", cpu_threads=3).stage_cpu_threads == 3
+
+
+def test_usable_cpus_respects_affinity():
+    from parakeet_triton.render import usable_cpus
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
 
 
 def test_cpu_threads_rendered_into_every_composing_model():

@@ -1,0 +1,202 @@
+"""Soak: many mixed-length requests through `parakeet-serve`, watching for errors and memory growth.
+
+Starts `parakeet-serve` (CPU, the v3_small fixture by default) on loopback ports and sends `--requests` requests
+from `--concurrency` threads over gRPC, each a slice of `tools/long_audio.speech_like` audio with a length drawn
+uniformly from `--min-seconds`..`--max-seconds` (seeded). Every `--sample-every` completed requests it records the
+resident memory (VmRSS) of tritonserver and of each stage's backend process. Prints the memory table, the errors,
+and the growth after the first `--baseline` requests (the target: <= 10 % after 1,000 of 5,000).
+
+    python benchmarks/soak.py [--requests 5000] [--concurrency 8] [--malloc system|jemalloc|tcmalloc] [--out DIR]
+
+`--malloc` preloads that allocator into tritonserver and the stubs (`LD_PRELOAD`, Debian's libjemalloc2 /
+libgoogle-perftools4 paths). Exit status 1 if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+from client.client import ParakeetClient  # noqa: E402
+from client.retry import NO_RETRY  # noqa: E402
+from parakeet_triton.watchdog import backend_stubs  # noqa: E402
+
+DEFAULT_CHECKPOINT = REPO / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
+ALLOCATORS = {
+    "system": None,
+    "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+}
+
+
+def _speech_like(seconds: float):
+    spec = importlib.util.spec_from_file_location("tools_long_audio", REPO / "tools" / "long_audio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.speech_like(seconds)
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tritonserver_pid(launcher_pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def memory_sample(launcher_pid: int, done: int) -> dict:
+    server = _tritonserver_pid(launcher_pid)
+    sample = {"requests": done, "tritonserver_mib": _rss_kib(server) / 1024 if server else 0.0}
+    for pid, model in backend_stubs(launcher_pid).items():
+        sample[f"{model}_mib"] = sample.get(f"{model}_mib", 0.0) + _rss_kib(pid) / 1024
+    sample["total_mib"] = sum(v for k, v in sample.items() if k.endswith("_mib"))
+    return sample
+
+
+def run(args: argparse.Namespace) -> dict:
+    preload = ALLOCATORS[args.malloc]
+    if preload and not Path(preload).is_file():
+        raise SystemExit(f"--malloc {args.malloc}: {preload} not found (apt-get install "
+                         f"{'libjemalloc2' if args.malloc == 'jemalloc' else 'libgoogle-perftools4'})")
+    http_port, grpc_port, metrics_port = _free_ports(3)
+    scratch = Path(tempfile.mkdtemp(prefix="soak-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")}
+    if preload:
+        env["LD_PRELOAD"] = preload
+    command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(args.checkpoint), "--device", "cpu",
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+               "--max-audio-seconds", str(max(60.0, args.max_seconds + 1)), *args.serve_args]
+    log_path = scratch / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    audio = _speech_like(args.max_seconds * 4)
+    rng = random.Random(args.seed)
+    plans = []
+    for _ in range(args.requests):
+        seconds = rng.uniform(args.min_seconds, args.max_seconds)
+        count = int(seconds * 16000)
+        start = rng.randrange(0, len(audio) - count)
+        plans.append((start, count))
+    samples, errors = [], []
+    lock = threading.Lock()
+    done = 0
+    try:
+        with ParakeetClient(f"127.0.0.1:{grpc_port}", timeout=120, retry=NO_RETRY) as client:
+            deadline = time.monotonic() + 600
+            while not client.is_ready():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"server did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            samples.append(memory_sample(server.pid, 0))
+            started = time.monotonic()
+
+            def one(plan: tuple[int, int]) -> None:
+                nonlocal done
+                start, count = plan
+                try:
+                    client.transcribe(audio[start : start + count])
+                except Exception as error:  # noqa: BLE001 - every failure is counted and reported
+                    with lock:
+                        errors.append(f"{type(error).__name__}: {error}"[:300])
+                with lock:
+                    done += 1
+                    if done % args.sample_every == 0:
+                        samples.append(memory_sample(server.pid, done))
+
+            with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+                list(pool.map(one, plans))
+            elapsed = time.monotonic() - started
+            if samples[-1]["requests"] != done:
+                samples.append(memory_sample(server.pid, done))
+    finally:
+        server.terminate()
+        server.wait(120)
+    baseline = next((s for s in samples if s["requests"] >= args.baseline), samples[0])
+    final = samples[-1]
+    growth = (final["total_mib"] - baseline["total_mib"]) / baseline["total_mib"] if baseline["total_mib"] else 0.0
+    audio_seconds = sum(count for _, count in plans) / 16000
+    return {"malloc": args.malloc, "requests": args.requests, "concurrency": args.concurrency, "errors": errors,
+            "elapsed_s": elapsed, "requests_per_s": args.requests / elapsed, "rtfx": audio_seconds / elapsed,
+            "samples": samples, "baseline_requests": baseline["requests"], "growth_after_baseline": growth,
+            "checkpoint": str(args.checkpoint)}
+
+
+def table(result: dict) -> str:
+    stages = sorted({k for s in result["samples"] for k in s if k.endswith("_mib") and k != "total_mib"})
+    lines = [f"## Soak: {result['requests']} requests, concurrency {result['concurrency']}, malloc {result['malloc']}, "
+             f"{Path(result['checkpoint']).name}",
+             "",
+             f"{len(result['errors'])} errors; {result['requests_per_s']:.1f} requests/s, RTFx {result['rtfx']:.0f}; "
+             f"server RSS growth after {result['baseline_requests']} requests: {100 * result['growth_after_baseline']:+.1f} %",
+             "",
+             "| requests | " + " | ".join(s.removesuffix("_mib") + " MiB" for s in stages) + " | total MiB |",
+             "|---" * (len(stages) + 2) + "|"]
+    for sample in result["samples"]:
+        lines.append(f"| {sample['requests']} | " + " | ".join(f"{sample.get(s, 0):.0f}" for s in stages)
+                     + f" | {sample['total_mib']:.0f} |")
+    if result["errors"]:
+        lines += ["", "First errors:", *[f"- {e}" for e in result["errors"][:5]]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--min-seconds", type=float, default=0.1)
+    parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--baseline", type=int, default=1000, help="growth is measured from this many requests on")
+    parser.add_argument("--sample-every", type=int, default=250)
+    parser.add_argument("--malloc", choices=sorted(ALLOCATORS), default="system")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write soak.json and soak.md here")
+    parser.add_argument("serve_args", nargs="*", help="extra parakeet-serve flags (after --)")
+    args = parser.parse_args(argv)
+    result = run(args)
+    text = table(result)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"soak-{args.malloc}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"soak-{args.malloc}.md").write_text(text + "\n")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
