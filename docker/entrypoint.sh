@@ -11,8 +11,10 @@
 # 3. Starts the stub watchdog (python -m parakeet_triton.watchdog) in the background: should a model's backend
 #    process die, it stops tritonserver so that the container exits and is restarted, instead of a server that
 #    reports ready while every request fails.
-# 4. Replaces itself with tritonserver (exec), so tritonserver is the process the container runtime sends
-#    SIGTERM to; it finishes in-flight requests for up to PARAKEET_EXIT_TIMEOUT_SECS, then exits.
+# 4. Runs tritonserver and, on SIGTERM / SIGINT, drains it (python -m parakeet_triton.drain): new requests are
+#    refused with UNAVAILABLE, those in flight finish through the whole ensemble (for up to
+#    PARAKEET_EXIT_TIMEOUT_SECS), then tritonserver is stopped. A second signal kills it. The exit code is
+#    tritonserver's.
 #
 # Triton's admin APIs (shared-memory registration, logging, trace, model repository) need the header
 # parakeet-admin-key: $PARAKEET_ADMIN_KEY; without that variable the key is random, i.e. they are closed.
@@ -91,8 +93,32 @@ args=(
 read -r -a extra <<<"${TRITON_ARGS:-}"
 args+=("${extra[@]}" "$@")
 
-say "exec tritonserver ${args[*]//${admin_key}/***}"
-# $$ stays this process's id across exec: the watchdog watches the tritonserver that replaces this shell.
-python3 -m parakeet_triton.watchdog --pid $$ \
-    --ready-url "http://127.0.0.1:${PARAKEET_HTTP_PORT:-8000}/v2/health/ready" &
-exec tritonserver "${args[@]}"
+say "starting tritonserver ${args[*]//${admin_key}/***}"
+tritonserver "${args[@]}" &
+triton=$!
+http_url="http://127.0.0.1:${PARAKEET_HTTP_PORT:-8000}"
+python3 -m parakeet_triton.watchdog --pid "$triton" --ready-url "$http_url/v2/health/ready" \
+    --repository "$repository" &
+
+stopping=0
+# shellcheck disable=SC2329  # invoked by the trap below
+stop() {
+    if [[ $stopping == 1 ]]; then
+        kill -KILL "$triton" 2>/dev/null || true
+        return
+    fi
+    stopping=1
+    # Refuse new requests and let those in flight finish through the whole ensemble, then stop tritonserver,
+    # which refuses the ensemble's internal requests once it is signalled.
+    python3 -m parakeet_triton.drain --repository "$repository" --http-url "$http_url" \
+        --timeout "${PARAKEET_EXIT_TIMEOUT_SECS:-60}" || true
+    kill -TERM "$triton" 2>/dev/null || true
+}
+trap stop TERM INT
+code=0
+while true; do
+    wait "$triton" && code=0 || code=$?
+    # wait returns early (code > 128) when a trapped signal arrives; loop until tritonserver has exited
+    kill -0 "$triton" 2>/dev/null || break
+done
+exit "$code"

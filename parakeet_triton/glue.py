@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,8 +30,13 @@ import torch.utils.dlpack
 from parakeet_core.attention import DEFAULT_FULL_ATTENTION_MAX_SECONDS, AttentionPolicy
 
 from . import protocol
+from .drain import REFUSAL, AdmissionGate, StageCounter
 
 WARMUP_SECONDS = 1.0
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining (parakeet_triton.drain): the request is refused with UNAVAILABLE, to be retried."""
 
 
 class InvalidRequest(ValueError):
@@ -310,6 +316,9 @@ class StageGlue:
             ) from error
         loaded = time.perf_counter()
         self.warmup()
+        model_dir = args.get("model_repository")
+        self.counter = (StageCounter(Path(model_dir).parent, self.settings.model_name, self.settings.instance_name)
+                        if model_dir else None)
         self._log(
             "info",
             f"{self.settings.instance_name}: loaded stage {self.stage!r} of checkpoint {self.settings.checkpoint!r} "
@@ -319,6 +328,17 @@ class StageGlue:
         )
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
+        gate = getattr(self, "gate", None)
+        if gate is None:
+            return self._execute(requests)
+        with gate.admitting() as admitted:
+            if admitted:
+                return self._execute(requests)
+        if getattr(self, "counter", None) is not None:
+            self.counter.record(0, len(requests))
+        return [self._error_response(ShuttingDown(REFUSAL)) for _ in requests]
+
+    def _execute(self, requests: Sequence[Any]) -> list[Any]:
         parsed: list[Any] = []
         for request in requests:
             try:
@@ -336,15 +356,21 @@ class StageGlue:
         with torch.inference_mode():
             results = iter(run_isolated(valid, self.compute, self._on_batch_error))
         responses = []
+        refused = 0
         for item in parsed:
             result = item if isinstance(item, Exception) else next(results)
             if isinstance(result, Exception):
+                refused += 1
                 responses.append(self._error_response(result))
             else:
                 responses.append(self.pb_utils.InferenceResponse(output_tensors=[self._to_pb(name, value) for name, value in result.items()]))
+        if getattr(self, "counter", None) is not None:
+            self.counter.record(len(requests) - refused, refused)
         return responses
 
     def finalize(self) -> None:
+        if getattr(self, "gate", None) is not None:
+            self.gate.close()
         self._log("info", f"{getattr(getattr(self, 'settings', None), 'instance_name', self.stage)}: unloaded")
 
     # -- per stage
@@ -380,7 +406,10 @@ class StageGlue:
 
     def _error_response(self, error: Exception) -> Any:
         error_class = self.pb_utils.TritonError
-        if isinstance(error, InvalidRequest):
+        if isinstance(error, ShuttingDown):
+            message = f"{self.settings.model_name}: {error}"
+            code = getattr(error_class, "UNAVAILABLE", None)
+        elif isinstance(error, InvalidRequest):
             message = f"{self.settings.model_name}: {error}"
             code = getattr(error_class, "INVALID_ARG", None)
         else:
@@ -402,6 +431,11 @@ class PreprocessorGlue(StageGlue):
     """WAV [B, T] + optional WAV_LENS [B, 1] -> FEATURES [B, F, T'] + FEATURE_LENGTHS [B, 1]."""
 
     stage = "featurize"
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        model_dir = args.get("model_repository")
+        self.gate = AdmissionGate(Path(model_dir).parent) if model_dir else None
 
     def parse(self, request: Any) -> Clips:
         max_seconds = self.settings.max_audio_seconds

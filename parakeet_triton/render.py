@@ -19,7 +19,7 @@ from pathlib import Path
 
 from parakeet_core.attention import AttentionPolicy, DEFAULT_FULL_ATTENTION_MAX_SECONDS
 
-from . import protocol
+from . import drain, protocol
 
 DEFAULT_CHECKPOINT = "nvidia/parakeet-tdt-0.6b-v3"
 DEVICES = ("auto", "cpu", "cuda")
@@ -230,6 +230,12 @@ def render_repository(options: RenderOptions, out_dir: str | os.PathLike) -> Pat
     """
     templates = template_dir()
     out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Left by an earlier server: its shutdown's marker (the new one admits requests) and its stages' counts.
+    drain_marker = out / drain.MARKER_NAME
+    if drain_marker.exists():
+        drain_marker.unlink()
+    shutil.rmtree(drain.counts_dir(out), ignore_errors=True)
     for model in ALL_MODELS:
         version_dir = out / model / "1"
         version_dir.mkdir(parents=True, exist_ok=True)

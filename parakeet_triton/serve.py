@@ -16,9 +16,12 @@ import secrets
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from . import protocol
+from .drain import drain
+from .front import FrontConfig, HttpFront, default_max_request_bytes
 from .render import DEFAULT_CHECKPOINT, DEVICES, INSTANCE_KINDS, RenderOptions, render_repository
 from .server import (Endpoints, TritonServerProcess, busy_ports, find_tritonserver, stub_environment,
                      tritonserver_command)
@@ -95,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"model repository): callers send it as the '{protocol.ADMIN_KEY_HEADER}' HTTP header or the "
                         f"'{protocol.GRPC_ADMIN_KEY_HEADER}' gRPC metadata. "
                         "Default: a random key per start, i.e. closed to everyone")
+    server.add_argument("--max-request-mb", type=int, default=_env("MAX_REQUEST_MB", None) or None,
+                        help="largest HTTP request body in MiB, refused with 413 before it is read (default: one clip "
+                        "of --max-audio-seconds as FP32 binary data + 64). gRPC is bounded by --max-audio-seconds")
     server.add_argument("--exit-timeout-secs", type=int, default=int(_env("EXIT_TIMEOUT_SECS", 8)),
-                        help="on SIGTERM/SIGINT, seconds tritonserver waits for in-flight requests (default: %(default)s)")
+                        help="on SIGTERM/SIGINT, seconds the requests in flight get to finish while new ones are refused "
+                        "with UNAVAILABLE, before tritonserver is stopped (default: %(default)s)")
     return parser
 
 
@@ -168,17 +175,43 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"error: {error}")
             return 2
         shm_prefix = f"parakeet_{os.getpid()}_"
+        http_socket = Path(work) / "triton-http.sock"  # in a private (0700) directory: only this front reaches it
         command = tritonserver_command(binary, repository, endpoints, shm_prefix=shm_prefix,
                                        log_verbose=args.log_verbose, exit_timeout_secs=args.exit_timeout_secs,
-                                       shm_growth_bytes=options.shm_growth_mb << 20, admin_key=admin_key)
+                                       shm_growth_bytes=options.shm_growth_mb << 20, admin_key=admin_key,
+                                       http_socket=http_socket)
         server = TritonServerProcess(command, stub_environment(binary), endpoints, shm_prefix=shm_prefix)
+        max_request_bytes = ((args.max_request_mb << 20) if args.max_request_mb
+                             else default_max_request_bytes(options.max_audio_seconds))
+        try:
+            front = HttpFront(endpoints.host, endpoints.http_port, FrontConfig(str(http_socket), max_request_bytes))
+        except OSError as error:
+            _say(f"error: HTTP port {endpoints.http_port} on {endpoints.host}: {error.strerror or error}")
+            return 2
+        front.start()
+
+        serving = threading.Event()
+
+        def drain_then_stop() -> None:
+            result = drain(repository, f"http://{endpoints.http_url}", args.exit_timeout_secs, say=_say)
+            if result.drained:
+                _say(f"drained: {result.in_flight_at_start} request(s) in flight finished in {result.seconds:.1f} s")
+            else:
+                _say(f"warning: stopping with requests in flight after {result.seconds:.1f} s: {result.detail}")
+            if len(stop_signals) == 1:
+                server.signal(signal.SIGTERM)
 
         def forward(signum, _frame):
             stop_signals.append(signum)
             for watchdog in watchdogs:
                 watchdog.stop()
-            # first signal: graceful shutdown; a second one: kill
-            server.signal(signal.SIGTERM if len(stop_signals) == 1 else signal.SIGKILL)
+            # first signal: drain, then graceful shutdown (at once if not yet serving); a second one: kill
+            if len(stop_signals) > 1:
+                server.signal(signal.SIGKILL)
+            elif serving.is_set():
+                threading.Thread(target=drain_then_stop, name="drain", daemon=True).start()
+            else:
+                server.signal(signal.SIGTERM)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -197,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 watchdogs.append(StubWatchdog(server.pid, on_death))
                 watchdogs[0].start()
+                serving.set()
             elif not stop_signals:
                 if server.poll() is None:
                     _say(f"error: tritonserver not ready after {args.ready_timeout:.0f} s; stopping it")
@@ -219,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if server.poll() is None:
                 server.stop()
+            front.stop()
             leftovers = server.cleanup_shared_memory()
             if leftovers:
                 _say(f"removed {len(leftovers)} shared-memory region(s) left behind: {', '.join(leftovers)}")

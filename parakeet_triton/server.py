@@ -175,9 +175,11 @@ def tritonserver_command(
     exit_timeout_secs: int = 8,
     shm_growth_bytes: int = 64 << 20,
     admin_key: str,
+    http_socket: str | os.PathLike | None = None,
 ) -> list[str]:
     """tritonserver's command line; `admin_key` is the value callers must send in `ADMIN_KEY_HEADER` to reach
-    the restricted APIs (`RESTRICTED_APIS`)."""
+    the restricted APIs (`RESTRICTED_APIS`). With `http_socket`, Triton's HTTP server listens on that Unix
+    socket instead of `endpoints.http_port` (parakeet_triton.front then serves the port)."""
     from . import protocol
 
     if not admin_key or any(c in admin_key for c in " ,:=\n"):
@@ -189,8 +191,8 @@ def tritonserver_command(
     if binary.cache_dir is not None:
         command.append(f"--cache-directory={binary.cache_dir}")
     command += [
-        f"--http-address={endpoints.host}",
-        f"--http-port={endpoints.http_port}",
+        *((f"--http-address=unix:{http_socket}", "--http-port=0") if http_socket is not None
+          else (f"--http-address={endpoints.host}", f"--http-port={endpoints.http_port}")),
         f"--grpc-address={endpoints.host}",
         f"--grpc-port={endpoints.grpc_port}",
         "--allow-metrics=true",

@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from .drain import MARKER_NAME
+
 STUB_NAME = "triton_python_backend_stub"
 
 
@@ -124,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, required=True, help="tritonserver's process id")
     parser.add_argument("--ready-url", required=True, help="the server's /v2/health/ready URL")
     parser.add_argument("--grace", type=float, default=3.0, help="seconds between SIGTERM and SIGKILL (default 3)")
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="the served model repository: once it is draining (parakeet_triton.drain), stub exits "
+                        "are the shutdown's, not deaths")
     args = parser.parse_args(argv)
+    draining = (lambda: False) if args.repository is None else (args.repository / MARKER_NAME).exists
     while not _ready(args.ready_url):
         if not _alive(args.pid):
             return 0
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     died = threading.Event()
 
     def on_death(model: str, pid: int) -> None:
+        if draining():
+            return
         print(f"parakeet-watchdog: error: the {model!r} stage's backend process (pid {pid}) died; stopping "
               f"tritonserver (pid {args.pid}) so that it is restarted", file=sys.stderr, flush=True)
         stop_process(args.pid, args.grace)
@@ -141,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     stubs = watchdog.start()
     print(f"parakeet-watchdog: watching {len(stubs)} backend processes of tritonserver (pid {args.pid})",
           file=sys.stderr, flush=True)
-    while _alive(args.pid) and not died.is_set():
+    while _alive(args.pid) and not died.is_set() and not draining():
         time.sleep(1)
+    watchdog.stop()
     return 1 if died.is_set() else 0
 
 

@@ -749,10 +749,12 @@ def jetson_server(tmp_path_factory):
     server.stop()
 
 
-def test_entrypoint_execs_tritonserver(jetson_server):
-    """The process the runtime signals is tritonserver itself (the entrypoint exec'd it)."""
-    exe = Path(os.readlink(f"/proc/{jetson_server.process.pid}/exe"))
-    assert exe.resolve() == Path(jetson_server.binary).resolve()
+def test_entrypoint_supervises_tritonserver(jetson_server):
+    """The entrypoint stays the process the runtime signals (so it can drain first), with tritonserver its child."""
+    from parakeet_triton.watchdog import _children
+
+    binaries = {Path(os.readlink(f"/proc/{pid}/exe")).resolve() for pid in _children(jetson_server.process.pid)}
+    assert Path(jetson_server.binary).resolve() in binaries
     log = jetson_server.log_path.read_text(errors="replace")
     assert "--exit-timeout-secs=20" in log and "--disable-auto-complete-config" in log
 
@@ -793,6 +795,22 @@ def test_entrypoint_stops_tritonserver_when_a_stage_process_dies(tmp_path):
     assert f"parakeet-watchdog: error: the 'encoder' stage's backend process (pid {encoder}) died" in log
     assert elapsed < 10, f"tritonserver ran {elapsed:.1f} s after the stage died"
     assert "parakeet-admin-key=" in log and "parakeet-admin-key=***" in log  # the key is not logged
+
+
+def test_entrypoint_drains_requests_in_flight_through_the_ensemble(tmp_path):
+    """SIGTERM to the container's process: the entrypoint drains (python -m parakeet_triton.drain) before it
+    signals tritonserver, so requests in flight through the ensemble complete and new ones get UNAVAILABLE."""
+    from test_serving_hardening import DRAIN_SECONDS, check_sigterm_drains_the_ensemble
+
+    env = {"PARAKEET_CHECKPOINT": str(V3_SMALL), "PARAKEET_DEVICE": "cpu", "PARAKEET_EXIT_TIMEOUT_SECS": "120",
+           "PARAKEET_MAX_AUDIO_SECONDS": str(max(DRAIN_SECONDS) + 60)}
+    server = EntrypointServer(tmp_path, env).start()
+    try:
+        check_sigterm_drains_the_ensemble(f"127.0.0.1:{server.grpc}", f"127.0.0.1:{server.http}", server.process,
+                                          lambda: server.log_path.read_text(errors="replace"))
+    finally:
+        server.stop()
+    assert "parakeet-drain: drained" in server.log_path.read_text(errors="replace")
 
 
 def test_entrypoint_flags_match_the_test_suites_server():

@@ -51,6 +51,7 @@ class MockTensor:
 class MockError:
     INVALID_ARG = "INVALID_ARG"
     INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
 
     def __init__(self, message, code=None):
         self._message, self.code = message, code
@@ -379,6 +380,63 @@ def test_failure_inside_the_model_is_isolated_per_request(stages, clips, monkeyp
     assert responses[1].error.code == MockError.INTERNAL
     assert "RuntimeError: simulated device failure" in responses[1].error.message()
     assert any("retrying each request alone" in line for _, line in MockLogger.lines)
+
+
+def test_preprocessor_refuses_new_requests_once_the_repository_drains(tmp_path, clips):
+    """The admission gate of parakeet_triton.drain: after the marker appears, every request of a batch gets
+    UNAVAILABLE (retryable) naming the shutdown; before it, and without a repository, requests are served."""
+    from parakeet_triton import drain
+
+    args = args_for(protocol.PREPROCESSOR_MODEL)
+    args["model_repository"] = str(tmp_path / protocol.PREPROCESSOR_MODEL)
+    cls = type("TritonPythonModel", (glue.PreprocessorGlue,), {"pb_utils": MockPbUtils})
+    preprocessor = cls()
+    preprocessor.initialize(args)
+    batch = [request(WAV=clips["speech_en"][None]), request(WAV=clips["noise"][None])]
+    assert all(response.error is None for response in preprocessor.execute(batch))
+    assert drain.stage_counts(tmp_path) == {protocol.PREPROCESSOR_MODEL: (2, 0)}
+    drain.marker_path(tmp_path).touch()
+    refused = preprocessor.execute(batch)
+    assert [response.error.code for response in refused] == [MockError.UNAVAILABLE] * 2
+    assert all("shutting down" in response.error.message() for response in refused)
+    assert drain.stage_counts(tmp_path) == {protocol.PREPROCESSOR_MODEL: (2, 2)}
+    preprocessor.finalize()
+
+
+def test_drain_waits_for_the_batch_the_preprocessor_admitted(tmp_path, monkeypatch):
+    """drain() takes the admission lock only after an admitted batch is done, then reads the statistics until
+    nothing is in the pipeline; a batch arriving after the marker is refused without waiting."""
+    import threading
+    import time
+
+    from parakeet_triton import drain
+
+    gate = drain.AdmissionGate(tmp_path)
+    in_pipeline = iter([2, 1, 0, 0])
+    monkeypatch.setattr(drain, "requests_in_pipeline", lambda repository, url: next(in_pipeline))
+    admitted = threading.Event()
+    finished: list[float] = []
+
+    def admitted_batch():
+        with gate.admitting() as open_:
+            assert open_
+            admitted.set()
+            time.sleep(0.5)
+            finished.append(time.monotonic())
+
+    worker = threading.Thread(target=admitted_batch)
+    worker.start()
+    admitted.wait(5)
+    result = drain.drain(tmp_path, "http://unused", timeout=10, poll=0.01)
+    returned = time.monotonic()
+    worker.join()
+    assert result.drained and result.in_flight_at_start == 2
+    assert finished and returned >= finished[0]
+    with gate.admitting() as open_:
+        assert not open_
+    monkeypatch.setattr(drain, "requests_in_pipeline", lambda repository, url: 1)
+    stuck = drain.drain(tmp_path, "http://unused", timeout=0.05, poll=0.01)
+    assert not stuck.drained and "1 request(s) still in flight" in stuck.detail
 
 
 def test_stage_outputs_match_the_rendered_config(stages, clips):
