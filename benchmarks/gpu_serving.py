@@ -16,7 +16,6 @@ import argparse
 import concurrent.futures
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,16 +33,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import parakeet_core  # noqa: E402
 import synthetic  # noqa: E402
 from parakeet_triton import protocol  # noqa: E402
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
+from parakeet_triton.server import free_loopback_ports  # noqa: E402
 
 
 def request_body(samples: np.ndarray) -> bytes:
@@ -167,7 +157,7 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    http_port, grpc_port, metrics_port = free_ports(3)
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
     log = open(scratch / "server.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(checkpoint), "--device", device,

@@ -103,22 +103,12 @@ def run_in_process(checkpoint: str, seconds: float, threads: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def run_served(checkpoint: str, seconds: float, threads: int, scratch: Path) -> dict:
+    from parakeet_triton.server import free_loopback_ports
+
     from client.client import ParakeetClient
 
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
     log_path = scratch / f"server-{seconds:.0f}s.log"
     command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", checkpoint, "--device", "cpu",
                "--cpu-threads", str(threads), "--http-port", str(http_port), "--grpc-port", str(grpc_port),

@@ -32,6 +32,7 @@ sys.path[:0] = [str(REPO)]
 
 from client.client import ParakeetClient  # noqa: E402
 from client.retry import NO_RETRY  # noqa: E402
+from parakeet_triton.server import free_loopback_ports  # noqa: E402
 from parakeet_triton.watchdog import backend_stubs  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
@@ -67,18 +68,6 @@ def _tritonserver_pid(launcher_pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def memory_sample(launcher_pid: int, done: int) -> dict:
     server = _tritonserver_pid(launcher_pid)
     sample = {"requests": done, "tritonserver_mib": _rss_kib(server) / 1024 if server else 0.0}
@@ -93,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     if preload and not Path(preload).is_file():
         raise SystemExit(f"--malloc {args.malloc}: {preload} not found (apt-get install "
                          f"{'libjemalloc2' if args.malloc == 'jemalloc' else 'libgoogle-perftools4'})")
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
     scratch = Path(tempfile.mkdtemp(prefix="soak-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")}
     if preload:

@@ -148,6 +148,22 @@ class Endpoints:
         return f"http://{self.http_url}/v2/health/ready"
 
 
+def free_loopback_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on 127.0.0.1 right now (for test and benchmark servers)."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def busy_ports(endpoints: Endpoints) -> list[str]:
     """The endpoints' ports that something else already listens on, as messages (empty: all free)."""
     import socket

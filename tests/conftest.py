@@ -20,7 +20,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from parakeet_triton.server import free_loopback_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -39,18 +40,7 @@ SERVER_QUEUE_DELAY_US = 50_000
 READY_TIMEOUT_S = 300
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on the loopback interface."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+free_ports = free_loopback_ports  # the tests' name for it
 
 
 def tritonserver_available() -> bool:

@@ -360,20 +360,26 @@ def test_sigterm_drains_requests_in_flight_through_the_ensemble(tmp_path):
     assert "parakeet-serve: drained:" in handle.log()
 
 
+def _refused_before_start(tmp_path, *args: str, **kwargs) -> str:
+    """Start parakeet-serve expecting it to refuse (exit 2) before it is ready; its log."""
+    handle = start_server(tmp_path / "serve.log", *args, wait=False, **kwargs)
+    try:
+        code = handle.process.wait(timeout=60)
+    finally:
+        stop_server(handle)
+    log = handle.log()
+    assert code == 2, log[-3000:]
+    return log
+
+
 def test_busy_port_refused_before_start(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         grpc_port, metrics_port = free_ports(2)
-        handle = start_server(tmp_path / "serve.log", "--http-port", str(port), "--grpc-port", str(grpc_port),
-                              "--metrics-port", str(metrics_port), wait=False)
-        try:
-            code = handle.process.wait(timeout=60)
-        finally:
-            stop_server(handle)
-    log = handle.log()
-    assert code == 2, log[-3000:]
+        log = _refused_before_start(tmp_path, "--http-port", str(port), "--grpc-port", str(grpc_port),
+                                    "--metrics-port", str(metrics_port))
     assert f"HTTP port {port} on 127.0.0.1 is not available" in log and "parakeet-serve: ready" not in log
 
 
@@ -382,12 +388,6 @@ def test_damaged_checkpoint_refused_before_start(tmp_path, damage):
     data = (FIXTURES / "v3_small" / "v3_small.nemo").read_bytes()
     checkpoint = tmp_path / "model.nemo"
     checkpoint.write_bytes(data[: len(data) - 100_000] if damage == "truncated" else b"garbage" * 100)
-    handle = start_server(tmp_path / "serve.log", checkpoint=checkpoint, wait=False)
-    try:
-        code = handle.process.wait(timeout=60)
-    finally:
-        stop_server(handle)
-    log = handle.log()
-    assert code == 2, log[-3000:]
+    log = _refused_before_start(tmp_path, checkpoint=checkpoint)
     assert str(checkpoint) in log and ("truncated" in log if damage == "truncated" else "not a readable" in log)
     assert "starting tritonserver" not in log
