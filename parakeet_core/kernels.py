@@ -5,6 +5,12 @@ reaches about 150 GFLOP/s on the encoder's products and half the memory bandwidt
 products, where oneDNN (the `mkldnn` operators PyTorch's own compiler uses) reaches about 200 GFLOP/s and the full
 bandwidth. oneDNN also computes each output row independently of the other rows of the product, so a clip's
 result does not depend on its batch-mates. Set `PARAKEET_ONEDNN=0` to use `F.linear` throughout.
+
+oneDNN builds (and keeps) kernels for every input shape it sees, and a server sees a new row count with almost every
+request: measured in-process, 1,500 decodes of random lengths grew the process by 517 MiB under oneDNN and by 2 MiB
+under `F.linear`. Every oneDNN product here is therefore run on a bounded set of row counts (`padded_rows`): the
+input is cut into blocks of at most `MAX_BLOCK_ROWS` rows and each block padded with zero rows up to its bucket. Rows
+being independent, the padding changes no result (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -20,6 +26,35 @@ from torch.nn import functional as F
 # The packed layout depends on the expected row count only as a hint; packed for 16 rows, one to sixteen rows
 # all run at full speed (measured).
 _PACKING_ROWS_HINT = 16
+_SMALL_ROWS = 64
+MAX_BLOCK_ROWS = 2048
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a oneDNN product of `rows` rows (at most `MAX_BLOCK_ROWS`) runs at: the next power of two up to
+    64, then the next multiple of 64."""
+    if rows <= _SMALL_ROWS:
+        return 1 << max(rows - 1, 0).bit_length()
+    return -(-rows // _SMALL_ROWS) * _SMALL_ROWS
+
+
+def _in_row_buckets(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`product(x)` over x [..., in] computed in blocks of bucketed row counts (see the module's docstring)."""
+    leading = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    total = rows.shape[0]
+    blocks = []
+    for start in range(0, total, MAX_BLOCK_ROWS):
+        block = rows[start:start + MAX_BLOCK_ROWS]
+        count = block.shape[0]
+        padding = padded_rows(count) - count
+        if padding:
+            block = F.pad(block, (0, 0, 0, padding))
+        blocks.append(product(block)[:count])
+    if not blocks:
+        return x.new_empty(*leading, out_features)
+    result = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    return result.reshape(*leading, out_features)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +91,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, computed by oneDNN for CPU fp32 inference."""
     if _onednn_applies(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _in_row_buckets(lambda rows: torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], ""),
+                               x, weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -74,8 +110,11 @@ def fixed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Call
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACKING_ROWS_HINT)
 
+        def packed_product(rows: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
         def product(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            return _in_row_buckets(packed_product, x, weight.shape[0])
 
         return product
     return functools.partial(F.linear, weight=weight, bias=bias)

@@ -220,3 +220,41 @@ def test_cpu_loop_token_table_equals_the_per_step_product():
         for tokens in ([5], [17, 300, 8000], list(range(16))):
             rows = torch.tensor(tokens)
             assert torch.equal(weights.input_products[0](embedding[rows]), weights.first_layer_input[rows])
+
+
+def test_onednn_products_run_on_bounded_row_counts_without_changing_a_value(monkeypatch):
+    """Row blocks padded to their bucket give the unpadded product bit for bit, and only bucket sizes reach oneDNN."""
+    from parakeet_core import kernels
+
+    if not kernels.onednn_available():
+        pytest.skip("the row buckets apply to oneDNN's products only")
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(48, 40, generator=generator), torch.randn(48, generator=generator)
+    seen = set()
+    pointwise = torch.ops.mkldnn._linear_pointwise
+
+    class RecordingOps:
+        @staticmethod
+        def _linear_pointwise(x, *args):
+            seen.add(x.shape[0])
+            return pointwise(x, *args)
+
+        _reorder_linear_weight = staticmethod(torch.ops.mkldnn._reorder_linear_weight)
+
+    packed = kernels.fixed_linear(weight, bias)
+    packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, kernels._PACKING_ROWS_HINT)
+    with torch.no_grad():
+        for rows in (1, 3, 17, 64, 65, 300, kernels.MAX_BLOCK_ROWS + 5):
+            x = torch.randn(rows, 40, generator=generator)
+            direct = pointwise(x, weight, bias, "none", [], "")
+            packed_direct = pointwise(x, packed_weight, bias, "none", [], "")
+            with monkeypatch.context() as patch:
+                patch.setattr(torch.ops, "mkldnn", RecordingOps)
+                assert torch.equal(kernels.linear(x, weight, bias), direct), rows
+                assert torch.equal(packed(x), packed_direct), rows
+        batch = torch.randn(5, 60, 40, generator=generator)
+        flat = pointwise(batch.reshape(-1, 40), weight, bias, "none", [], "")
+        assert torch.equal(kernels.linear(batch, weight, bias), flat.view(5, 60, 48))
+        assert kernels.linear(torch.empty(0, 7, 40), weight, bias).shape == (0, 7, 48)
+    assert seen <= {kernels.padded_rows(n) for n in range(1, kernels.MAX_BLOCK_ROWS + 1)}
+    assert len({kernels.padded_rows(n) for n in range(1, kernels.MAX_BLOCK_ROWS + 1)}) == 7 + 31
