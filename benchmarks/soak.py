@@ -8,8 +8,8 @@ and the growth after the first `--baseline` requests (the target: <= 10 % after 
 
     python benchmarks/soak.py [--requests 5000] [--concurrency 8] [--malloc system|jemalloc|tcmalloc] [--out DIR]
 
-`--malloc` preloads that allocator into tritonserver and the stubs (`LD_PRELOAD`, Debian's libjemalloc2 /
-libgoogle-perftools4 paths). Exit status 1 if any request failed.
+`--malloc` is passed to `parakeet-serve`, which preloads that allocator into tritonserver and the stage processes
+(`LD_PRELOAD`; Debian's libgoogle-perftools4 / libjemalloc2). Exit status 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -32,17 +32,10 @@ sys.path[:0] = [str(REPO)]
 
 from client.client import ParakeetClient  # noqa: E402
 from client.retry import NO_RETRY  # noqa: E402
-from parakeet_triton.server import free_loopback_ports  # noqa: E402
+from parakeet_triton.server import ALLOCATORS, DEFAULT_ALLOCATOR, free_loopback_ports  # noqa: E402
 from parakeet_triton.watchdog import backend_stubs  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
-ALLOCATORS = {
-    "system": None,
-    "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
-}
-
-
 def _speech_like(seconds: float):
     spec = importlib.util.spec_from_file_location("tools_long_audio", REPO / "tools" / "long_audio.py")
     module = importlib.util.module_from_spec(spec)
@@ -78,18 +71,12 @@ def memory_sample(launcher_pid: int, done: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    preload = ALLOCATORS[args.malloc]
-    if preload and not Path(preload).is_file():
-        raise SystemExit(f"--malloc {args.malloc}: {preload} not found (apt-get install "
-                         f"{'libjemalloc2' if args.malloc == 'jemalloc' else 'libgoogle-perftools4'})")
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
     scratch = Path(tempfile.mkdtemp(prefix="soak-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")}
-    if preload:
-        env["LD_PRELOAD"] = preload
     command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(args.checkpoint), "--device", "cpu",
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-               "--max-audio-seconds", str(max(60.0, args.max_seconds + 1)), *args.serve_args]
+               "--max-audio-seconds", str(max(60.0, args.max_seconds + 1)), "--malloc", args.malloc, *args.serve_args]
     log_path = scratch / "server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
@@ -163,7 +150,7 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -171,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=30.0)
     parser.add_argument("--baseline", type=int, default=1000, help="growth is measured from this many requests on")
     parser.add_argument("--sample-every", type=int, default=250)
-    parser.add_argument("--malloc", choices=sorted(ALLOCATORS), default="system")
+    parser.add_argument("--malloc", choices=sorted(ALLOCATORS), default=DEFAULT_ALLOCATOR,
+                        help="parakeet-serve --malloc (default: %(default)s, the server's own default)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write soak.json and soak.md here")
     parser.add_argument("serve_args", nargs="*", help="extra parakeet-serve flags (after --)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = run(args)
     text = table(result)
     print(text)

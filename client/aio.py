@@ -114,10 +114,13 @@ class AsyncParakeetClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _transcribe_item(self, item: AudioInput, name: str, timestamps: bool) -> Transcript:
-        clip = await asyncio.to_thread(load_clip, item, name)
+    async def transcribe_clip(self, clip: AudioClip, *, timestamps: bool = False) -> Transcript:
+        """Transcribe audio already decoded (AudioTooLongError past the server's limit, checked before sending)."""
         _wire.check_length(clip, await self.max_audio_seconds())
         return await self._infer(clip, timestamps)
+
+    async def _transcribe_item(self, item: AudioInput, name: str, timestamps: bool) -> Transcript:
+        return await self.transcribe_clip(await asyncio.to_thread(load_clip, item, name), timestamps=timestamps)
 
     async def _infer(self, clip: AudioClip, timestamps: bool) -> Transcript:
         inputs, outputs = _wire.build_request(self._module, clip, timestamps)

@@ -19,7 +19,7 @@ class AudioTooLongError(ParakeetClientError):
         self.max_audio_seconds = max_audio_seconds
         super().__init__(
             f"{name} is {audio_seconds:.1f} s long; the server accepts at most {max_audio_seconds:g} s per clip "
-            "(long-audio support is not available yet: split the file into shorter clips)"
+            "(its --max-audio-seconds): split the file, or raise the server's limit"
         )
 
 

@@ -8,10 +8,15 @@
 # 2. Renders the model repository with `parakeet-serve --render-only` (every PARAKEET_* variable of the
 #    launcher applies: PARAKEET_DEVICE, PARAKEET_INSTANCE_KIND, PARAKEET_INSTANCES, PARAKEET_MAX_BATCH_SIZE,
 #    PARAKEET_MAX_QUEUE_DELAY_US, PARAKEET_MAX_AUDIO_SECONDS, ...).
-# 3. Starts the stub watchdog (python -m parakeet_triton.watchdog) in the background: should a model's backend
+# 3. Starts the HTTP front (python -m parakeet_triton.front) on PARAKEET_HTTP_PORT: it validates every request
+#    (size, JSON depth, shapes against data) before forwarding it to tritonserver's HTTP server, which listens on
+#    a Unix socket in a private directory only. Triton 2.51's own HTTP front end can be crashed by small
+#    malicious requests (docs/deploy.md). gRPC and metrics are Triton's, on PARAKEET_HOST (default 0.0.0.0).
+#    Should the front exit, tritonserver is stopped too, and the other way round.
+# 4. Starts the stub watchdog (python -m parakeet_triton.watchdog) in the background: should a model's backend
 #    process die, it stops tritonserver so that the container exits and is restarted, instead of a server that
 #    reports ready while every request fails.
-# 4. Runs tritonserver and, on SIGTERM / SIGINT, drains it (python -m parakeet_triton.drain): new requests are
+# 5. Runs tritonserver and, on SIGTERM / SIGINT, drains it (python -m parakeet_triton.drain): new requests are
 #    refused with UNAVAILABLE, those in flight finish through the whole ensemble (for up to
 #    PARAKEET_EXIT_TIMEOUT_SECS), then tritonserver is stopped. A second signal kills it. The exit code is
 #    tritonserver's.
@@ -68,6 +73,12 @@ admin_key="${PARAKEET_ADMIN_KEY:-$(python3 -c 'import secrets; print(secrets.tok
 restricted="shared-memory,logging,trace,model-repository:parakeet-admin-key=${admin_key}"
 # Idle OpenMP threads of one stage sleep instead of spinning on the cores the other stages need.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+host="${PARAKEET_HOST:-0.0.0.0}"
+# tritonserver's HTTP listens only on a Unix socket in a directory of ours (0700); the front takes the port.
+# Under /tmp whatever TMPDIR says: a Unix socket's path must stay within 107 bytes.
+socket_dir="$(mktemp -d /tmp/parakeet-http.XXXXXX)"
+chmod 700 "$socket_dir"
+http_socket="$socket_dir/triton.sock"
 args=(
     --model-repository="$repository"
     --model-control-mode=none
@@ -77,8 +88,11 @@ args=(
     --strict-readiness=true
     --exit-on-error=true
     --allow-metrics=true
-    --http-port="${PARAKEET_HTTP_PORT:-8000}"
+    --http-address="unix:$http_socket"
+    --http-port=0
+    --grpc-address="$host"
     --grpc-port="${PARAKEET_GRPC_PORT:-8001}"
+    --metrics-address="$host"
     --metrics-port="${PARAKEET_METRICS_PORT:-8002}"
     --exit-timeout-secs="${PARAKEET_EXIT_TIMEOUT_SECS:-60}"
     --log-verbose="${PARAKEET_LOG_VERBOSE:-0}"
@@ -93,10 +107,26 @@ args=(
 read -r -a extra <<<"${TRITON_ARGS:-}"
 args+=("${extra[@]}" "$@")
 
-say "starting tritonserver ${args[*]//${admin_key}/***}"
-tritonserver "${args[@]}" &
+# tcmalloc for tritonserver and the stage processes (they inherit it): with glibc's malloc their memory grows
+# under mixed request lengths (docs/load-test.md, Soak). PARAKEET_MALLOC=system turns it off.
+preload=""
+if [[ "${PARAKEET_MALLOC:-tcmalloc}" != system ]]; then
+    if ! preload="$(python3 -c 'import sys; from parakeet_triton.server import allocator_library as a; print(a(sys.argv[1]))' \
+            "${PARAKEET_MALLOC:-tcmalloc}" 2>&1)"; then
+        [[ -n "${PARAKEET_MALLOC:-}" ]] && { say "error: PARAKEET_MALLOC=$PARAKEET_MALLOC: ${preload##*Error: }"; exit 2; }
+        say "note: ${preload##*Error: }; using the system allocator"
+        preload=""
+    fi
+fi
+say "starting tritonserver ${args[*]//${admin_key}/***}${preload:+ (LD_PRELOAD=$preload)}"
+LD_PRELOAD="${preload}${LD_PRELOAD:+:$LD_PRELOAD}" tritonserver "${args[@]}" &
 triton=$!
-http_url="http://127.0.0.1:${PARAKEET_HTTP_PORT:-8000}"
+# The front reads PARAKEET_MAX_AUDIO_SECONDS / PARAKEET_MAX_REQUEST_MB (the request size limit) itself.
+python3 -m parakeet_triton.front --host "$host" --port "${PARAKEET_HTTP_PORT:-8000}" --upstream-socket "$http_socket" &
+front=$!
+loopback=127.0.0.1
+[[ "$host" == *:* ]] && loopback="[::1]"
+http_url="http://$loopback:${PARAKEET_HTTP_PORT:-8000}"
 python3 -m parakeet_triton.watchdog --pid "$triton" --ready-url "$http_url/v2/health/ready" \
     --repository "$repository" &
 
@@ -117,8 +147,22 @@ stop() {
 trap stop TERM INT
 code=0
 while true; do
-    wait "$triton" && code=0 || code=$?
-    # wait returns early (code > 128) when a trapped signal arrives; loop until tritonserver has exited
+    wait -n "$triton" "$front" && code=0 || code=$?
+    # wait returns early (code > 128) when a trapped signal arrives; loop until one of the two has exited
+    if [[ $stopping == 0 ]] && ! kill -0 "$front" 2>/dev/null && kill -0 "$triton" 2>/dev/null; then
+        say "error: the HTTP front exited (code $code); stopping tritonserver"
+        stopping=1
+        kill -TERM "$triton" 2>/dev/null || true
+        wait "$triton" || true
+        code=1
+        break
+    fi
     kill -0 "$triton" 2>/dev/null || break
 done
+if kill -0 "$triton" 2>/dev/null; then wait "$triton"; fi
+if kill -0 "$front" 2>/dev/null; then
+    kill -TERM "$front" 2>/dev/null || true
+    wait "$front" 2>/dev/null || true
+fi
+rm -rf "$socket_dir"
 exit "$code"

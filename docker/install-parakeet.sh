@@ -13,7 +13,13 @@ src="${1:?usage: install-parakeet.sh SOURCE_DIR}"
 
 python3 -c 'import torch' || { echo "install-parakeet: install PyTorch first" >&2; exit 1; }
 # numpy<2: with numpy 2 in the stub's environment, outputs of the 2.51 Python backend arrive empty.
-python3 -m pip install --no-cache-dir "numpy<2" "$src"
+# tcmalloc (preloaded into tritonserver and the stage processes: flat memory under mixed request lengths) and
+# ffmpeg (the OpenAI gateway decodes m4a, webm, mp4 and other uploads with it).
+# Ubuntu's package versions move with the base image's archive snapshot; pinning them here would only break.
+apt-get update
+apt-get install -y --no-install-recommends libgoogle-perftools4 ffmpeg
+rm -rf /var/lib/apt/lists/*
+python3 -m pip install --no-cache-dir "numpy<2" "${src}[openai]"
 cd /  # import the installed package, not a source tree
 python3 - <<'PY'
 import sys
@@ -23,6 +29,7 @@ import torch
 
 import parakeet_core  # noqa: F401
 import parakeet_triton  # noqa: F401
+import parakeet_openai.app  # noqa: F401
 
 from parakeet_triton.render import template_dir
 
@@ -34,6 +41,8 @@ PY
 # What the entrypoint and the HEALTHCHECK use from the base image.
 command -v tritonserver
 command -v parakeet-serve
+command -v parakeet-openai
+command -v ffmpeg
 test -f /opt/tritonserver/backends/python/libtriton_python.so
 test -x /opt/nvidia/nvidia_entrypoint.sh
 

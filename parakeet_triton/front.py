@@ -32,7 +32,7 @@ import socketserver
 import threading
 from typing import Any, Callable
 
-from .protocol import SAMPLE_RATE
+from .protocol import DEFAULT_MAX_AUDIO_SECONDS, SAMPLE_RATE
 
 MAX_JSON_DEPTH = 32
 DEFAULT_MAX_JSON_BYTES = 64 << 20
@@ -343,6 +343,7 @@ class HttpFront:
 
 def main(argv: list[str] | None = None, on_ready: Callable[[HttpFront], None] | None = None) -> int:
     import argparse
+    import os
     import signal
     import sys
 
@@ -350,10 +351,13 @@ def main(argv: list[str] | None = None, on_ready: Callable[[HttpFront], None] | 
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--upstream-socket", required=True, help="tritonserver's HTTP Unix socket")
-    parser.add_argument("--max-audio-seconds", type=float, default=10800.0,
-                        help="the server's longest clip, which sets the default --max-request-mb (default 10800)")
-    parser.add_argument("--max-request-mb", type=int, default=None,
-                        help="largest request body, MiB (default: one clip of --max-audio-seconds as FP32 + 64)")
+    parser.add_argument("--max-audio-seconds", type=float,
+                        default=float(os.environ.get("PARAKEET_MAX_AUDIO_SECONDS") or DEFAULT_MAX_AUDIO_SECONDS),
+                        help="the server's longest clip, which sets the default --max-request-mb "
+                             "(env PARAKEET_MAX_AUDIO_SECONDS; default %(default)s)")
+    parser.add_argument("--max-request-mb", type=int, default=int(os.environ.get("PARAKEET_MAX_REQUEST_MB") or 0),
+                        help="largest request body, MiB (env PARAKEET_MAX_REQUEST_MB; default: one clip of "
+                             "--max-audio-seconds as FP32 + 64)")
     args = parser.parse_args(argv)
     limit = (args.max_request_mb << 20) if args.max_request_mb else default_max_request_bytes(args.max_audio_seconds)
     front = HttpFront(args.host, args.port, FrontConfig(args.upstream_socket, limit)).start()

@@ -15,6 +15,8 @@ TRANSCRIPTS = "TRANSCRIPTS"
 TIMESTAMPS = "TIMESTAMPS"
 
 SAMPLE_RATE = 16000
+# Longest clip the server accepts unless configured otherwise (3 hours).
+DEFAULT_MAX_AUDIO_SECONDS = 10800.0
 
 # Request header (HTTP) / metadata key (gRPC) carrying the operator key for Triton's restricted admin APIs.
 ADMIN_KEY_HEADER = "parakeet-admin-key"

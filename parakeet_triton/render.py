@@ -53,7 +53,7 @@ class RenderOptions:
     queue_timeout_s: float = 0.0
     """Longest wait in each composing model's queue before a request is refused with UNAVAILABLE (0: no limit).
     Execution time does not count."""
-    max_audio_seconds: float = 10800.0
+    max_audio_seconds: float = protocol.DEFAULT_MAX_AUDIO_SECONDS
     """Longest clip accepted (default 3 hours); longer clips get an error response."""
     attention: str = "auto"
     """Encoder attention: `auto` (full up to `full_attention_max_seconds`, local (256, 256) beyond), `full`, or a

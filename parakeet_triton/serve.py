@@ -13,7 +13,9 @@ import argparse
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,8 +25,8 @@ from . import protocol
 from .drain import drain
 from .front import FrontConfig, HttpFront, default_max_request_bytes
 from .render import DEFAULT_CHECKPOINT, DEVICES, INSTANCE_KINDS, RenderOptions, render_repository
-from .server import (Endpoints, TritonServerProcess, busy_ports, find_tritonserver, stub_environment,
-                     tritonserver_command)
+from .server import (ALLOCATORS, DEFAULT_ALLOCATOR, Endpoints, TritonServerProcess, allocator_library, busy_ports,
+                     find_tritonserver, stub_environment, tritonserver_command)
 from .watchdog import StubWatchdog, stop_process
 
 ENV_PREFIX = "PARAKEET_"
@@ -101,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-request-mb", type=int, default=_env("MAX_REQUEST_MB", None) or None,
                         help="largest HTTP request body in MiB, refused with 413 before it is read (default: one clip "
                         "of --max-audio-seconds as FP32 binary data + 64). gRPC is bounded by --max-audio-seconds")
+    server.add_argument("--malloc", choices=sorted(ALLOCATORS), default=_env("MALLOC", None) or None,
+                        help=f"allocator preloaded into tritonserver and the stage processes (LD_PRELOAD). Default: "
+                        f"{DEFAULT_ALLOCATOR} when installed, else the system's; tcmalloc keeps the server's memory "
+                        "flat under mixed request lengths (docs/load-test.md, Soak)")
+    server.add_argument("--openai-port", type=int, default=int(_env("OPENAI_PORT", 0)) or None,
+                        help="also run the OpenAI-compatible API (parakeet-openai) on this port of --host, stopped "
+                        "with the server; its other settings come from its PARAKEET_OPENAI_* variables (docs/openai.md)")
     server.add_argument("--exit-timeout-secs", type=int, default=int(_env("EXIT_TIMEOUT_SECS", 8)),
                         help="on SIGTERM/SIGINT, seconds the requests in flight get to finish while new ones are refused "
                         "with UNAVAILABLE, before tritonserver is stopped (default: %(default)s)")
@@ -153,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
-    busy = busy_ports(endpoints)
+    if args.openai_port:
+        import importlib.util
+
+        missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+        if missing:
+            _say(f"error: --openai-port needs {', '.join(missing)}: pip install 'parakeet-triton[openai]'")
+            return 2
+    busy = busy_ports(endpoints, {"OpenAI API": args.openai_port} if args.openai_port else None)
     if busy:
         _say("error: " + "; ".join(busy))
         return 2
@@ -162,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # CheckpointError, or anything the Hub client raises
         _say(f"error: checkpoint {options.checkpoint!r}: {error}")
         return 2
+    try:
+        preload = allocator_library(args.malloc or DEFAULT_ALLOCATOR)
+    except FileNotFoundError as error:
+        if args.malloc:
+            _say(f"error: --malloc {args.malloc}: {error}")
+            return 2
+        _say(f"note: {error}; using the system allocator, whose memory grows more under mixed request lengths")
+        preload = None
     admin_key = args.admin_key or secrets.token_urlsafe(24)
     stop_signals: list[int] = []
     watchdogs: list[StubWatchdog] = []
@@ -175,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"error: {error}")
             return 2
         shm_prefix = f"parakeet_{os.getpid()}_"
-        http_socket = Path(work) / "triton-http.sock"  # in a private (0700) directory: only this front reaches it
+        # In a private (0700) directory, which only this front reaches; a Unix socket's path must stay short.
+        http_socket = Path(work) / "triton-http.sock"
+        if len(str(http_socket)) > 100:
+            http_socket = Path(tempfile.mkdtemp(prefix="parakeet-http-", dir="/tmp")) / "triton.sock"
         command = tritonserver_command(binary, repository, endpoints, shm_prefix=shm_prefix,
                                        log_verbose=args.log_verbose, exit_timeout_secs=args.exit_timeout_secs,
                                        shm_growth_bytes=options.shm_growth_mb << 20, admin_key=admin_key,
                                        http_socket=http_socket)
-        server = TritonServerProcess(command, stub_environment(binary), endpoints, shm_prefix=shm_prefix)
+        server = TritonServerProcess(command, stub_environment(binary, preload=preload), endpoints, shm_prefix=shm_prefix)
         max_request_bytes = ((args.max_request_mb << 20) if args.max_request_mb
                              else default_max_request_bytes(options.max_audio_seconds))
         try:
@@ -201,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             if len(stop_signals) == 1:
                 server.signal(signal.SIGTERM)
 
+        gateway: list[subprocess.Popen] = []
+
         def forward(signum, _frame):
             stop_signals.append(signum)
+            for process in gateway:  # uvicorn stops accepting and lets its requests in flight finish
+                process.send_signal(signal.SIGTERM if len(stop_signals) == 1 else signal.SIGKILL)
             for watchdog in watchdogs:
                 watchdog.stop()
             # first signal: drain, then graceful shutdown (at once if not yet serving); a second one: kill
@@ -218,10 +249,15 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"starting tritonserver from {binary.origin}; checkpoint {options.resolved_checkpoint!r}, "
                  f"device {options.device}, {options.instances} x {options.triton_instance_kind}")
             server.start()
+            if args.openai_port:
+                gateway.append(subprocess.Popen(
+                    [sys.executable, "-m", "parakeet_openai", "--triton-url", endpoints.grpc_url,
+                     "--host", endpoints.host, "--port", str(args.openai_port)], stdin=subprocess.DEVNULL))
             ready = server.wait_ready(args.ready_timeout, should_stop=lambda: bool(stop_signals))
             if ready and not stop_signals:
-                _say(f"ready: HTTP http://{endpoints.http_url}  gRPC {endpoints.grpc_url}  metrics {endpoints.metrics_url}  "
-                     f"model '{protocol.ENSEMBLE_MODEL}' (pid {server.pid})")
+                openai = f"  OpenAI API http://{endpoints.host}:{args.openai_port}/v1" if args.openai_port else ""
+                _say(f"ready: HTTP http://{endpoints.http_url}  gRPC {endpoints.grpc_url}  metrics {endpoints.metrics_url}"
+                     f"{openai}  model '{protocol.ENSEMBLE_MODEL}' (pid {server.pid})")
 
                 def on_death(model: str, pid: int) -> None:
                     deaths.append(f"the {model!r} stage's backend process (pid {pid}) died")
@@ -253,7 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if server.poll() is None:
                 server.stop()
+            for process in gateway:
+                if process.poll() is None:
+                    process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
             front.stop()
+            if http_socket.parent != Path(work):
+                shutil.rmtree(http_socket.parent, ignore_errors=True)
             leftovers = server.cleanup_shared_memory()
             if leftovers:
                 _say(f"removed {len(leftovers)} shared-memory region(s) left behind: {', '.join(leftovers)}")

@@ -100,7 +100,29 @@ def find_tritonserver(runtime_dir: str | os.PathLike, explicit: str | None = Non
     return TritonBinary(root / "bin" / "tritonserver", backends, root / "caches", (str(libs),), f"nvidia-pytriton wheel ({root})")
 
 
-def stub_environment(binary: TritonBinary, base: dict[str, str] | None = None) -> dict[str, str]:
+ALLOCATORS = {"tcmalloc": "libtcmalloc.so.4", "jemalloc": "libjemalloc.so.2", "system": None}
+"""`--malloc` choices and the shared library each preloads (Debian: libgoogle-perftools4, libjemalloc2)."""
+DEFAULT_ALLOCATOR = "tcmalloc"
+
+
+def allocator_library(name: str) -> Path | None:
+    """The installed library of allocator `name` (None for `system`); FileNotFoundError naming the package."""
+    if name not in ALLOCATORS:
+        raise ValueError(f"malloc must be one of {', '.join(ALLOCATORS)}; got {name!r}")
+    library = ALLOCATORS[name]
+    if library is None:
+        return None
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
+    for folder in (f"/usr/lib/{multiarch}", "/usr/lib", "/usr/local/lib", "/usr/lib64"):
+        candidate = Path(folder) / library
+        if candidate.is_file():
+            return candidate
+    package = "libgoogle-perftools4" if name == "tcmalloc" else "libjemalloc2"
+    raise FileNotFoundError(f"{library} not found (apt-get install {package}, or --malloc system)")
+
+
+def stub_environment(binary: TritonBinary, base: dict[str, str] | None = None,
+                     preload: Path | None = None) -> dict[str, str]:
     """Environment for tritonserver in which the Python backend stub runs this interpreter's environment."""
     env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
@@ -114,6 +136,8 @@ def stub_environment(binary: TritonBinary, base: dict[str, str] | None = None) -
     # Idle OpenMP threads sleep instead of spinning: three stage processes share the cores, and spinning threads
     # of an idle stage take them from the busy one (and from neighbours on the node).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if preload is not None:
+        env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(preload), env.get("LD_PRELOAD", "")) if p)
     return env
 
 
@@ -164,14 +188,15 @@ def free_loopback_ports(count: int) -> list[int]:
             sock.close()
 
 
-def busy_ports(endpoints: Endpoints) -> list[str]:
-    """The endpoints' ports that something else already listens on, as messages (empty: all free)."""
+def busy_ports(endpoints: Endpoints, extra: dict[str, int] | None = None) -> list[str]:
+    """The endpoints' ports (and `extra` named ones) that something else already listens on, as messages."""
     import socket
 
     busy = []
     host = endpoints.host or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for name, port in (("HTTP", endpoints.http_port), ("gRPC", endpoints.grpc_port), ("metrics", endpoints.metrics_port)):
+    ports = {"HTTP": endpoints.http_port, "gRPC": endpoints.grpc_port, "metrics": endpoints.metrics_port, **(extra or {})}
+    for name, port in ports.items():
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

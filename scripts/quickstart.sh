@@ -15,7 +15,7 @@ audio=("$@")
 
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.13.0}"
-"$VENV/bin/pip" install -q -e '.[serve,client]'
+"$VENV/bin/pip" install -q -e '.[serve,client,openai]'
 
 "$VENV/bin/parakeet-serve" &
 server=$!

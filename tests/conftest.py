@@ -75,7 +75,7 @@ def _is_ready(http_url: str) -> bool:
 
 
 def start_server(log_path: Path, *extra_args: str, checkpoint: Path | str = SERVED_CHECKPOINT,
-                 wait: bool = True) -> ServerHandle:
+                 wait: bool = True, env: dict[str, str] | None = None) -> ServerHandle:
     """Start `parakeet-serve` (as `python -m parakeet_triton.serve`) on free loopback ports."""
     http_port, grpc_port, metrics_port = free_ports(3)
     command = [
@@ -92,7 +92,7 @@ def start_server(log_path: Path, *extra_args: str, checkpoint: Path | str = SERV
         "--ready-timeout", str(READY_TIMEOUT_S),
         *extra_args,
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")} | (env or {})
     log_file = open(log_path, "wb")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env=env, cwd=str(ROOT))

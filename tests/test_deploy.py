@@ -52,6 +52,7 @@ KUBERNETES_VERSIONS = ["1.28.0", "latest"]
 # the Triton the test suite runs (pyproject pins tritonclient and nvidia-pytriton 0.7.0, both Triton 2.51).
 NGC_RELEASE_TRITON = {"24.10": "2.51"}
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+OPENAI_PORT = 9000
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -71,10 +72,10 @@ def pod_spec(resources: list[dict]) -> dict:
     return by_kind(resources, "Deployment")["spec"]["template"]["spec"]
 
 
-def container(resources: list[dict]) -> dict:
+def container(resources: list[dict], name: str = "triton") -> dict:
     containers = pod_spec(resources)["containers"]
-    assert [c["name"] for c in containers] == ["triton"]
-    return containers[0]
+    assert [c["name"] for c in containers] == ["triton", "openai"]
+    return next(c for c in containers if c["name"] == name)
 
 
 def env_of(resources: list[dict]) -> dict[str, str]:
@@ -297,6 +298,27 @@ def test_schema_validation_is_not_a_no_op():
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
+def test_openai_gateway_container_is_its_own(name):
+    """The gateway runs beside Triton in the pod with its own port, probes and limits, pointed at Triton's gRPC
+    in the pod, never loading the model; its settings are real parakeet-openai variables."""
+    from parakeet_openai.settings import SETTINGS
+
+    resources = render(name)
+    gateway, triton = container(resources, "openai"), container(resources)
+    assert gateway["image"] == triton["image"] and gateway["args"] == ["parakeet-openai"]
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"openai": OPENAI_PORT}
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    known = {s.env for s in SETTINGS} | {"HOME", "TMPDIR", "PARAKEET_API_KEY"}
+    assert set(env) <= known, set(env) - known
+    assert env["PARAKEET_TRITON_URL"] == "127.0.0.1:%d" % PORTS["grpc"] and env["PARAKEET_OPENAI_PORT"] == str(OPENAI_PORT)
+    assert not any(k.startswith(("PARAKEET_CHECKPOINT", "PARAKEET_DEVICE")) for k in env)
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "openai"}
+    assert gateway["resources"]["limits"]["memory"] and gateway["resources"]["requests"]["cpu"]
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
 def test_deployment_ports_probes_and_volumes(name):
     resources = render(name)
     c = container(resources)
@@ -395,7 +417,7 @@ def test_service_monitor_pdb_and_hpa_point_at_the_pods(name):
     service = by_kind(resources, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-        name: (port, name) for name, port in PORTS.items()
+        name: (port, name) for name, port in (PORTS | {"openai": OPENAI_PORT}).items()
     }
     monitor = by_kind(resources, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -630,6 +652,7 @@ class EntrypointServer:
             "PARAKEET_HTTP_PORT": str(self.http),
             "PARAKEET_GRPC_PORT": str(self.grpc),
             "PARAKEET_METRICS_PORT": str(self.metrics),
+            "PARAKEET_HOST": "127.0.0.1",
             "PARAKEET_REPOSITORY_DIR": str(work / "model_repository"),
             "HF_HUB_OFFLINE": "1",
             "HF_HOME": str(work / "hf-home"),
@@ -797,6 +820,23 @@ def test_entrypoint_stops_tritonserver_when_a_stage_process_dies(tmp_path):
     assert "parakeet-admin-key=" in log and "parakeet-admin-key=***" in log  # the key is not logged
 
 
+def test_entrypoint_stops_tritonserver_when_the_http_front_dies(tmp_path):
+    """The front is supervised like tritonserver: should it die, the container exits non-zero (and is restarted)
+    rather than serving gRPC with its HTTP port, the one the probes read, gone."""
+    from parakeet_triton.watchdog import _children
+
+    env = {"PARAKEET_CHECKPOINT": str(V3_SMALL), "PARAKEET_DEVICE": "cpu", "PARAKEET_EXIT_TIMEOUT_SECS": "5"}
+    server = EntrypointServer(tmp_path, env).start()
+    try:
+        front = next(pid for pid in _children(server.process.pid)
+                     if b"parakeet_triton.front" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        os.kill(front, signal.SIGKILL)
+        code = server.process.wait(60)
+    finally:
+        server.stop()
+    assert code != 0 and "the HTTP front exited" in server.log(), server.log()
+
+
 def test_entrypoint_drains_requests_in_flight_through_the_ensemble(tmp_path):
     """SIGTERM to the container's process: the entrypoint drains (python -m parakeet_triton.drain) before it
     signals tritonserver, so requests in flight through the ensemble complete and new ones get UNAVAILABLE."""
@@ -821,8 +861,7 @@ def test_entrypoint_flags_match_the_test_suites_server():
     binary = TritonBinary(Path("/x/tritonserver"), None, None, (), "test")
     flags = {f.split("=")[0] for f in tritonserver_command(binary, "/repo", Endpoints(), shm_prefix="p",
                                                                  admin_key="k")[1:]}
-    per_process = {"--http-address", "--grpc-address", "--metrics-address", "--backend-config", "--backend-directory",
-                   "--cache-directory"}
+    per_process = {"--backend-config", "--backend-directory", "--cache-directory"}
     script = (ROOT / "docker" / "entrypoint.sh").read_text()
     for flag in sorted(flags - per_process):
         assert re.search(rf"^\s+{re.escape(flag)}\b", script, flags=re.M), flag
@@ -883,6 +922,27 @@ def test_metrics_carry_what_the_autoscaler_rule_reads(jetson_server):
     for model in (protocol.PREPROCESSOR_MODEL, protocol.ENCODER_MODEL, protocol.DECODER_MODEL):
         assert re.search(rf'^nv_inference_queue_duration_us{{model="{model}",version="1"}} \d+', metrics, re.M), model
     assert re.search(rf'^nv_inference_request_success{{model="{protocol.ENSEMBLE_MODEL}",version="1"}} [1-9]', metrics, re.M)
+
+
+def test_entrypoint_serves_http_through_the_validating_front(jetson_server):
+    """The image's HTTP port is the front: tritonserver's HTTP is on a Unix socket in a private directory, and
+    the payloads that crash Triton 2.51's HTTP server are refused there while the server keeps serving."""
+    import stat
+
+    from test_serving_hardening import CRASH_PAYLOADS, INFER, _raw_http
+
+    log = jetson_server.log_path.read_text(errors="replace")
+    socket_arg = re.search(r"--http-address=unix:(\S+)", log)
+    assert socket_arg and "parakeet-front: HTTP on 127.0.0.1:%d" % jetson_server.http in log, log[-3000:]
+    socket_dir = Path(socket_arg.group(1)).parent
+    assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+    http_url = f"127.0.0.1:{jetson_server.http}"
+    for case in ("huge shape, no data", "deep document", "deep data"):
+        body, _, status, words = CRASH_PAYLOADS[case]
+        got, reply = _raw_http(http_url, "POST", INFER, body)
+        assert got == status and words in reply.decode(errors="replace"), (case, got, reply[:300])
+    assert _http_status(f"http://{http_url}/v2/health/ready") == 200
+    assert jetson_server.process.poll() is None
 
 
 def test_sigterm_stops_the_jetson_server_cleanly(jetson_server):

@@ -391,3 +391,17 @@ def test_damaged_checkpoint_refused_before_start(tmp_path, damage):
     log = _refused_before_start(tmp_path, checkpoint=checkpoint)
     assert str(checkpoint) in log and ("truncated" in log if damage == "truncated" else "not a readable" in log)
     assert "starting tritonserver" not in log
+
+
+def test_short_soak_keeps_memory_level(tmp_path):
+    """A short soak (benchmarks/soak.py, the server's default allocator): no request fails and the server's total
+    resident memory after the last request stays within 10 % of what it was halfway (the full run: docs/load-test.md)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import soak
+
+    args = soak.build_parser().parse_args(["--requests", "300", "--concurrency", "4", "--max-seconds", "5",
+                                           "--sample-every", "50", "--baseline", "150"])
+    result = soak.run(args)
+    assert result["errors"] == [], result["errors"][:3]
+    assert [s["requests"] for s in result["samples"]][-1] == 300
+    assert result["growth_after_baseline"] <= 0.10, soak.table(result)
