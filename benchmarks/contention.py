@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,11 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from benchmarks.soak import DEFAULT_CHECKPOINT, _speech_like  # noqa: E402
+from benchmarks.soak import DEFAULT_CHECKPOINT, _speech_like, start_serve, wait_ready  # noqa: E402
 from client.client import ParakeetClient  # noqa: E402
 from client.retry import NO_RETRY  # noqa: E402
 from parakeet_triton.render import usable_cpus  # noqa: E402
-from parakeet_triton.server import free_loopback_ports  # noqa: E402
 
 TARGET_RATIO = 1.5
 BUSY_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
@@ -82,21 +82,12 @@ def throughput(client: ParakeetClient, clip, requests: int, concurrency: int) ->
 
 
 def measure(setting: Setting, args: argparse.Namespace, clip, core: int) -> dict[str, float]:
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARAKEET_", "OMP_"))} | dict(setting.env)
-    command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(args.checkpoint), "--device", "cpu",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-               *setting.serve_args]
-    log = tempfile.NamedTemporaryFile(prefix="contention-", suffix=".log", delete=False)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    log_dir = Path(tempfile.mkdtemp(prefix="contention-"))
+    server, grpc_url = start_serve(args.checkpoint, list(setting.serve_args), log_dir / "server.log", dict(setting.env))
     results = {}
     try:
-        with ParakeetClient(f"127.0.0.1:{grpc_port}", timeout=300, retry=NO_RETRY) as client:
-            deadline = time.monotonic() + 600
-            while not client.is_ready():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{setting.name}: server did not start:\n{Path(log.name).read_text()[-3000:]}")
-                time.sleep(0.5)
+        with ParakeetClient(grpc_url, timeout=300, retry=NO_RETRY) as client:
+            wait_ready(client, server, log_dir / "server.log")
             throughput(client, clip, 4, 1)  # warm-up
             for scenario in ("idle", "busy neighbour"):
                 for concurrency in args.concurrency:
@@ -110,7 +101,7 @@ def measure(setting: Setting, args: argparse.Namespace, clip, core: int) -> dict
     finally:
         server.terminate()
         server.wait(120)
-        os.unlink(log.name)
+        shutil.rmtree(log_dir, ignore_errors=True)
     return results
 
 

@@ -70,16 +70,33 @@ def memory_sample(launcher_pid: int, done: int) -> dict:
     return sample
 
 
-def run(args: argparse.Namespace) -> dict:
+def start_serve(checkpoint: Path, serve_args: list[str], log_path: Path,
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`parakeet-serve` on free loopback ports, CPU, in the caller's environment less its PARAKEET_* and OMP_* variables
+    (the server chooses its own), plus `env`; (process, gRPC url)."""
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    scratch = Path(tempfile.mkdtemp(prefix="soak-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")}
-    command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(args.checkpoint), "--device", "cpu",
+    command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(checkpoint), "--device", "cpu",
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-               "--max-audio-seconds", str(max(60.0, args.max_seconds + 1)), "--malloc", args.malloc, *args.serve_args]
-    log_path = scratch / "server.log"
+               *serve_args]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PARAKEET_", "OMP_"))} | (env or {})
     with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean, cwd=str(REPO))
+    return server, f"127.0.0.1:{grpc_port}"
+
+
+def wait_ready(client: ParakeetClient, server: subprocess.Popen, log_path: Path, timeout: float = 600) -> None:
+    """Until the server is ready; SystemExit with its log's tail should it exit or time out first."""
+    deadline = time.monotonic() + timeout
+    while not client.is_ready():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> dict:
+    log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
+    server, grpc_url = start_serve(args.checkpoint, ["--max-audio-seconds", str(max(60.0, args.max_seconds + 1)),
+                                                     "--malloc", args.malloc, *args.serve_args], log_path)
     audio = _speech_like(args.max_seconds * 4)
     rng = random.Random(args.seed)
     plans = []
@@ -92,12 +109,8 @@ def run(args: argparse.Namespace) -> dict:
     lock = threading.Lock()
     done = 0
     try:
-        with ParakeetClient(f"127.0.0.1:{grpc_port}", timeout=120, retry=NO_RETRY) as client:
-            deadline = time.monotonic() + 600
-            while not client.is_ready():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+        with ParakeetClient(grpc_url, timeout=120, retry=NO_RETRY) as client:
+            wait_ready(client, server, log_path)
             samples.append(memory_sample(server.pid, 0))
             started = time.monotonic()
 

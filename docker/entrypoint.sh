@@ -109,15 +109,20 @@ args+=("${extra[@]}" "$@")
 
 # tcmalloc for tritonserver and the stage processes (they inherit it): with glibc's malloc their memory grows
 # under mixed request lengths (docs/load-test.md, Soak). PARAKEET_MALLOC=system turns it off.
-preload=""
-if [[ "${PARAKEET_MALLOC:-tcmalloc}" != system ]]; then
-    if ! preload="$(python3 -c 'import sys; from parakeet_triton.server import allocator_library as a; print(a(sys.argv[1]))' \
-            "${PARAKEET_MALLOC:-tcmalloc}" 2>&1)"; then
-        [[ -n "${PARAKEET_MALLOC:-}" ]] && { say "error: PARAKEET_MALLOC=$PARAKEET_MALLOC: ${preload##*Error: }"; exit 2; }
-        say "note: ${preload##*Error: }; using the system allocator"
-        preload=""
-    fi
-fi
+preload="$(python3 - "${PARAKEET_MALLOC:-}" <<'PY'
+import sys
+
+from parakeet_triton.server import choose_allocator
+
+try:
+    library, note = choose_allocator(sys.argv[1] or None)
+except (FileNotFoundError, ValueError) as error:
+    sys.exit(f"parakeet-entrypoint: error: PARAKEET_MALLOC={sys.argv[1]}: {error}")
+if note:
+    print(f"parakeet-entrypoint: note: {note}", file=sys.stderr)
+print(library or "")
+PY
+)"
 say "starting tritonserver ${args[*]//${admin_key}/***}${preload:+ (LD_PRELOAD=$preload)}"
 LD_PRELOAD="${preload}${LD_PRELOAD:+:$LD_PRELOAD}" tritonserver "${args[@]}" &
 triton=$!

@@ -25,7 +25,7 @@ from . import protocol
 from .drain import drain
 from .front import FrontConfig, HttpFront, default_max_request_bytes
 from .render import DEFAULT_CHECKPOINT, DEVICES, INSTANCE_KINDS, RenderOptions, render_repository
-from .server import (ALLOCATORS, DEFAULT_ALLOCATOR, Endpoints, TritonServerProcess, allocator_library, busy_ports,
+from .server import (ALLOCATORS, DEFAULT_ALLOCATOR, Endpoints, TritonServerProcess, busy_ports, choose_allocator,
                      find_tritonserver, stub_environment, tritonserver_command)
 from .watchdog import StubWatchdog, stop_process
 
@@ -179,13 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: checkpoint {options.checkpoint!r}: {error}")
         return 2
     try:
-        preload = allocator_library(args.malloc or DEFAULT_ALLOCATOR)
+        preload, note = choose_allocator(args.malloc)
     except FileNotFoundError as error:
-        if args.malloc:
-            _say(f"error: --malloc {args.malloc}: {error}")
-            return 2
-        _say(f"note: {error}; using the system allocator, whose memory grows more under mixed request lengths")
-        preload = None
+        _say(f"error: --malloc {args.malloc}: {error}")
+        return 2
+    if note:
+        _say(f"note: {note}")
     admin_key = args.admin_key or secrets.token_urlsafe(24)
     stop_signals: list[int] = []
     watchdogs: list[StubWatchdog] = []

@@ -121,6 +121,17 @@ def allocator_library(name: str) -> Path | None:
     raise FileNotFoundError(f"{library} not found (apt-get install {package}, or --malloc system)")
 
 
+def choose_allocator(requested: str | None) -> tuple[Path | None, str | None]:
+    """(library to preload, note) for `--malloc requested`; unset means DEFAULT_ALLOCATOR when it is installed, else
+    the system's with a note. FileNotFoundError when an allocator asked for by name is missing."""
+    try:
+        return allocator_library(requested or DEFAULT_ALLOCATOR), None
+    except FileNotFoundError as error:
+        if requested:
+            raise
+        return None, f"{error}; using the system allocator, whose memory grows more under mixed request lengths"
+
+
 def stub_environment(binary: TritonBinary, base: dict[str, str] | None = None,
                      preload: Path | None = None) -> dict[str, str]:
     """Environment for tritonserver in which the Python backend stub runs this interpreter's environment."""
