@@ -1,16 +1,14 @@
-"""Audio input: reading files (soundfile, else ffmpeg), mono downmix, resampling (soxr), and validation."""
+"""Audio input: items to mono float32 waveforms (parakeet_client.audio's decoder) and their validation."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Union
 
 import numpy as np
-import soundfile
 import torch
+from parakeet_client.audio import decode_audio
+from parakeet_client.errors import AudioDecodeError
 
 from .errors import InvalidAudioError
 
@@ -54,65 +52,29 @@ def check_waveform(samples, *, max_samples: int | None = None, min_samples: int 
                                 f"at most {MAX_SAMPLE_MAGNITUDE:.3g}, 32-bit PCM full scale)")
 
 
-def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """High-quality resampling with soxr; a no-op at the target rate."""
-    if source_rate == target_rate:
-        return samples
-    if source_rate <= 0:
-        raise InvalidAudioError(f"sample rate must be positive, got {source_rate}")
-    import soxr
-
-    return soxr.resample(samples, source_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
-
-
-def _to_mono(samples: np.ndarray) -> np.ndarray:
-    return samples if samples.ndim == 1 else samples.mean(axis=1, dtype=np.float32)
-
-
-def _read_with_ffmpeg(path: Path, rate: int) -> np.ndarray:
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(rate), "-"]
-    result = subprocess.run(command, capture_output=True, check=False)
-    if result.returncode != 0:
-        reason = result.stderr.decode(errors="replace").strip().splitlines()
-        raise InvalidAudioError(f"{path}: ffmpeg cannot decode it: {reason[-1] if reason else 'unknown error'}")
-    return np.frombuffer(result.stdout, dtype=np.float32).copy()
-
-
 def load_audio(path: str | os.PathLike, rate: int) -> np.ndarray:
-    """Read an audio (or video) file as mono float32 at `rate`: soundfile first, ffmpeg for other formats."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidAudioError(f"{path}: no such file")
+    """Read an audio (or video) file as mono float32 at `rate`: soundfile first, ffmpeg for other formats, soxr
+    resampling; the same decoder as parakeet_client's. InvalidAudioError names the file when it cannot be read."""
     try:
-        samples, source_rate = soundfile.read(path, dtype="float32", always_2d=False)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
-        if shutil.which("ffmpeg") is None:
-            raise InvalidAudioError(
-                f"{path}: soundfile cannot read it ({exc}) and ffmpeg is not on PATH to try other formats"
-            ) from exc
-        return _read_with_ffmpeg(path, rate)
-    return resample(_to_mono(np.asarray(samples, dtype=np.float32)), source_rate, rate)
+        return decode_audio(os.fspath(path), rate)
+    except AudioDecodeError as error:
+        raise InvalidAudioError(str(error)) from error
 
 
 def as_waveform(item: AudioItem, rate: int) -> np.ndarray:
-    """Any supported audio item (path, 1-D array/tensor at `rate`, or (array, sample_rate)) as float32 at `rate`."""
+    """Any supported audio item as float32 at `rate`: a path, a 1-D (or `[frames, channels]`) array or tensor at
+    `rate`, or `(array or tensor, sample_rate)`. Integer PCM is scaled to [-1, 1); other rates are resampled."""
     if isinstance(item, (str, os.PathLike)):
         return load_audio(item, rate)
-    source_rate = rate
-    if isinstance(item, tuple):
-        if len(item) != 2:
-            raise InvalidAudioError("an (array, sample_rate) pair must have two elements")
-        item, source_rate = item
-        source_rate = int(source_rate)
-    if isinstance(item, torch.Tensor):
-        item = item.detach().cpu().numpy()
-    if not isinstance(item, np.ndarray):
-        raise InvalidAudioError(f"unsupported audio item of type {type(item).__name__}")
-    if not np.issubdtype(item.dtype, np.floating):
-        raise InvalidAudioError(f"audio samples must be floating point in [-1, 1], got {item.dtype}")
-    samples = item.astype(np.float32, copy=False)
-    if samples.ndim == 2 and samples.shape[1] <= 8:
-        samples = _to_mono(samples)
-    if samples.ndim != 1:
-        raise InvalidAudioError(f"expected 1-D mono samples (or [frames, channels]), got shape {samples.shape}")
-    return resample(samples, source_rate, rate)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+        item = (_tensor_to_numpy(item[0]), item[1])
+    elif isinstance(item, torch.Tensor):
+        item = _tensor_to_numpy(item)
+    try:
+        return decode_audio(item, rate)
+    except (TypeError, ValueError) as error:
+        raise InvalidAudioError(str(error)) from error
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()

@@ -27,6 +27,18 @@ def _time_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]
 
 
+_SUBSAMPLING_KERNEL, _SUBSAMPLING_STRIDE, _SUBSAMPLING_PADDING = 3, 2, 1
+
+
+def subsampled_length(length, layers: int):
+    """The length (int or integer tensor) after `layers` of the subsampling's strided convolutions, each
+    `floor((n + 2 * padding - kernel) / stride) + 1`: the encoder's frames for `length` feature frames, the mel bins
+    left after them, and the valid lengths between them."""
+    for _ in range(layers):
+        length = (length + 2 * _SUBSAMPLING_PADDING - _SUBSAMPLING_KERNEL) // _SUBSAMPLING_STRIDE + 1
+    return length
+
+
 class DepthwiseStridingSubsampling(nn.Module):
     """A strided 3x3 convolution then (depthwise strided 3x3 + pointwise 1x1) pairs, each followed by ReLU.
 
@@ -37,22 +49,17 @@ class DepthwiseStridingSubsampling(nn.Module):
         super().__init__()
         self.config = config
         channels = config.subsampling_conv_channels
-        layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+        strided = dict(kernel_size=_SUBSAMPLING_KERNEL, stride=_SUBSAMPLING_STRIDE, padding=_SUBSAMPLING_PADDING)
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, **strided), nn.ReLU()]
         for _ in range(config.subsampling_layers - 1):
             layers += [
-                nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1, groups=channels),
+                nn.Conv2d(channels, channels, groups=channels, **strided),
                 nn.Conv2d(channels, channels, kernel_size=1),
                 nn.ReLU(),
             ]
         self.conv = nn.Sequential(*layers)
-        frequencies = config.feat_in
-        for _ in range(config.subsampling_layers):
-            frequencies = (frequencies - 1) // 2 + 1
+        frequencies = subsampled_length(config.feat_in, config.subsampling_layers)
         self.out = kernels.Linear(channels * frequencies, config.d_model)
-
-    @staticmethod
-    def strided_length(lengths: torch.Tensor) -> torch.Tensor:
-        return torch.div(lengths - 1, 2, rounding_mode="floor") + 1
 
     def _convolutions(self, features: torch.Tensor, lengths: torch.Tensor,
                       masked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +72,7 @@ class DepthwiseStridingSubsampling(nn.Module):
         for layer in self.conv:
             x = layer(x)
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
-                lengths = self.strided_length(lengths)
+                lengths = subsampled_length(lengths, 1)
                 mask = _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
             if masked:
                 x = x * mask
@@ -97,7 +104,7 @@ class DepthwiseStridingSubsampling(nn.Module):
         with the unchunked computation.
         """
         steps = features.shape[1]
-        out_steps = self._strided_steps(steps)
+        out_steps = subsampled_length(steps, self.config.subsampling_layers)
         chunk = self._output_chunk()
         if out_steps <= chunk:
             x, _ = self._convolutions(features, features.new_tensor([length], dtype=torch.long), masked)
@@ -120,7 +127,8 @@ class DepthwiseStridingSubsampling(nn.Module):
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps = features.shape[:2]
         unmasked = [self.runs_unmasked(int(n)) for n in lengths]
-        batched = (not any(unmasked) and self._strided_steps(steps) <= self._output_chunk()
+        out_steps = subsampled_length(steps, self.config.subsampling_layers)
+        batched = (not any(unmasked) and out_steps <= self._output_chunk()
                    and (features.device.type != "cpu" or batch == 1))
         if batched:
             x, lengths = self._convolutions(features, lengths)
@@ -128,9 +136,9 @@ class DepthwiseStridingSubsampling(nn.Module):
         # One clip at a time, cropped to its length: on the CPU the first convolutions' outputs (channels x T/2 x
         # F/2 per clip, 40 MB for 12 s) outgrow the caches when batched, and long clips go in time chunks. A clip's
         # frames are the same either way (zero padding past its end, as the batch's masks give).
-        out_lengths = self.strided_length_for(lengths)
+        out_lengths = subsampled_length(lengths, self.config.subsampling_layers)
         padding_row = self.out(features.new_zeros(1, 1, self.out.in_features))
-        x = padding_row.expand(batch, self._strided_steps(steps), -1).clone()
+        x = padding_row.expand(batch, out_steps, -1).clone()
         for row in range(batch):
             length = int(lengths[row])
             # An unmasked clip sees what NeMo's split path sees: its frames plus the one trailing (zero) frame.
@@ -139,15 +147,6 @@ class DepthwiseStridingSubsampling(nn.Module):
             x[row, : clip.shape[1]] = clip[0]
         return x, out_lengths
 
-    def strided_length_for(self, lengths: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.config.subsampling_layers):
-            lengths = self.strided_length(lengths)
-        return lengths
-
-    def _strided_steps(self, steps: int) -> int:
-        for _ in range(self.config.subsampling_layers):
-            steps = (steps - 1) // 2 + 1
-        return steps
 
 
 class RelativePositionalEncoding(nn.Module):
@@ -159,11 +158,12 @@ class RelativePositionalEncoding(nn.Module):
         self.register_buffer("pe", self._table(initial_length), persistent=False)
 
     def _table(self, length: int) -> torch.Tensor:
-        positions = torch.arange(length - 1, -length, -1, dtype=torch.float32).unsqueeze(1)
+        # Computed on the CPU even when the module is built on the meta device: it is not in the checkpoint.
+        positions = torch.arange(length - 1, -length, -1, dtype=torch.float32, device="cpu").unsqueeze(1)
         inverse_frequency = torch.exp(
-            torch.arange(0, self.d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / self.d_model)
+            torch.arange(0, self.d_model, 2, dtype=torch.float32, device="cpu") * -(math.log(10000.0) / self.d_model)
         )
-        table = torch.zeros(positions.shape[0], self.d_model)
+        table = torch.zeros(positions.shape[0], self.d_model, device="cpu")
         table[:, 0::2] = torch.sin(positions * inverse_frequency)
         table[:, 1::2] = torch.cos(positions * inverse_frequency)
         return table.unsqueeze(0)
@@ -336,9 +336,7 @@ class ConformerEncoder(nn.Module):
     @staticmethod
     def output_lengths_for(config: EncoderConfig, feature_lengths):
         """Encoded frames for the given feature frames (tensor or int)."""
-        for _ in range(config.subsampling_layers):
-            feature_lengths = (feature_lengths - 1) // 2 + 1
-        return feature_lengths
+        return subsampled_length(feature_lengths, config.subsampling_layers)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor,
                 local_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

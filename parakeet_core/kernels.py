@@ -1,16 +1,14 @@
 """fp32 matrix products on the CPU through oneDNN, where this PyTorch build has it; `F.linear` everywhere else.
 
-PyTorch sends a CPU fp32 `F.linear` to MKL. On the AMD EPYC (Zen 4) machines this project is measured on, MKL
-reaches about 150 GFLOP/s on the encoder's products and half the memory bandwidth on the decoder's one-row
-products, where oneDNN (the `mkldnn` operators PyTorch's own compiler uses) reaches about 200 GFLOP/s and the full
-bandwidth. oneDNN also computes each output row independently of the other rows of the product, so a clip's
-result does not depend on its batch-mates. Set `PARAKEET_ONEDNN=0` to use `F.linear` throughout.
+PyTorch sends a CPU fp32 `F.linear` to MKL; oneDNN (the `mkldnn` operators PyTorch's own compiler uses) is faster on
+the encoder's products and on the decoder's one-row products (figures in docs/core.md), and computes each output row
+independently of the other rows of the product, so a clip's result does not depend on its batch-mates. Set
+`PARAKEET_ONEDNN=0` to use `F.linear` throughout.
 
 oneDNN builds (and keeps) kernels for every input shape it sees, and a server sees a new row count with almost every
-request: measured in-process, 1,500 decodes of random lengths grew the process by 517 MiB under oneDNN and by 2 MiB
-under `F.linear`. Every oneDNN product here is therefore run on a bounded set of row counts (`padded_rows`): the
-input is cut into blocks of at most `MAX_BLOCK_ROWS` rows and each block padded with zero rows up to its bucket. Rows
-being independent, the padding changes no result (tested bit for bit).
+request, which grows its memory without bound (docs/core.md). Every oneDNN product here is therefore run on a bounded
+set of row counts (`padded_rows`): the input is cut into blocks of at most `MAX_BLOCK_ROWS` rows and each block padded
+with zero rows up to its bucket. Rows being independent, the padding changes no result (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 # The packed layout depends on the expected row count only as a hint; packed for 16 rows, one to sixteen rows
-# all run at full speed (measured).
+# all run at full speed.
 _PACKING_ROWS_HINT = 16
 _SMALL_ROWS = 64
 MAX_BLOCK_ROWS = 2048

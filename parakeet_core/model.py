@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -38,13 +39,44 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _load_strict(module: torch.nn.Module, state: dict, prefix: str, ignore: Iterable[str] = ()) -> None:
+    """Load `state` into `module` by assignment (the checkpoint's tensors become the parameters, uncopied)."""
     state = {k: v for k, v in state.items() if k not in set(ignore)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"checkpoint weights under '{prefix}.' do not match the architecture in its config: "
+                              f"{exc}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint weights under '{prefix}.' do not match the architecture in its config: "
             f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
+
+
+def _unallocated(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module with its parameters on the meta device: no memory, no random initialisation."""
+    with torch.device("meta"):
+        return factory()
+
+
+def _place(module: torch.nn.Module, prefix: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move the loaded module to `device` (floating-point tensors cast to `dtype` there), one tensor at a time.
+
+    Tensors already on `device` in `dtype` (the mapped checkpoint's, on the CPU in fp32) stay as they are; on a GPU
+    each is copied as stored and cast on the device, so the host never holds a converted copy of the weights."""
+    tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+    left = [name for name, tensor in tensors if tensor.is_meta]
+    if left:
+        raise CheckpointError(f"'{prefix}' has tensors the checkpoint did not fill: {sorted(left)[:8]}")
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        placed = tensor.to(device)
+        if not tensor.is_floating_point():  # a few counters: copied, so that a cast module keeps no view of the file
+            return placed.clone() if placed is tensor else placed
+        return placed.to(dtype) if dtype is not None else placed
+
+    module._apply(convert)
+    module.eval()
 
 
 class ParakeetTDT:
@@ -67,17 +99,17 @@ class ParakeetTDT:
         if "featurize" in self.stages:
             self.preprocessor = MelPreprocessor(self.config.preprocessor)
             self.preprocessor.load_checkpoint_buffers(sub_state_dict(state, "preprocessor.featurizer"))
-            self.preprocessor.to(device).eval()
+            _place(self.preprocessor, "preprocessor", device)
         if "encode" in self.stages:
-            self.encoder = ConformerEncoder(self.config.encoder)
+            self.encoder = _unallocated(lambda: ConformerEncoder(self.config.encoder))
             _load_strict(self.encoder, sub_state_dict(state, "encoder"), "encoder", ignore=("pos_enc.pe",))
-            self.encoder.to(device=device, dtype=dtype).eval()
+            _place(self.encoder, "encoder", device, dtype)
         if "decode" in self.stages:
-            self.decoder = TDTGreedyDecoder(self.config.encoder.d_model, self.config.decoder)
+            self.decoder = _unallocated(lambda: TDTGreedyDecoder(self.config.encoder.d_model, self.config.decoder))
             prediction = sub_state_dict(state, "decoder")
             _load_strict(self.decoder.prediction, sub_state_dict(prediction, "prediction"), "decoder.prediction")
             _load_strict(self.decoder.joint, sub_state_dict(state, "joint"), "joint")
-            self.decoder.to(device=device, dtype=dtype).eval()
+            _place(self.decoder, "decoder", device, dtype)
         decoding = checkpoint.raw_config.get("decoding") or {}
         self.tokenizer = Tokenizer(
             checkpoint.tokenizer_model,
@@ -152,10 +184,11 @@ class ParakeetTDT:
         return encoded, lengths
 
     @torch.inference_mode()
-    def decode(self, encoded: torch.Tensor, encoded_lengths: torch.Tensor) -> list[Hypothesis]:
-        """Greedy TDT decoding of encoded frames [B, T'', D] -> one Hypothesis per clip."""
+    def decode(self, encoded: torch.Tensor, encoded_lengths: torch.Tensor, *, loop: str = "auto") -> list[Hypothesis]:
+        """Greedy TDT decoding of encoded frames [B, T'', D] -> one Hypothesis per clip. `loop`: the label loop
+        (`parakeet_core.decoding.LOOPS`; "auto": the CUDA graph on a GPU, the host loop on the CPU)."""
         decoder = self._require("decode", self.decoder)
-        return decoder(encoded.to(self.device, self.dtype), encoded_lengths.to(self.device))
+        return decoder(encoded.to(self.device, self.dtype), encoded_lengths.to(self.device), loop=loop)
 
     def to_transcript(self, hypothesis: Hypothesis, *, timestamps: bool = False) -> Transcript:
         """Detokenise a hypothesis; with `timestamps`, add word and segment times in seconds."""
@@ -166,8 +199,8 @@ class ParakeetTDT:
             token_durations=list(hypothesis.token_durations),
         )
         if timestamps:
-            step = (self.config.preprocessor.window_stride_seconds, self.config.encoder.subsampling_factor)
-            transcript.words, transcript.segments = self.tokenizer.timestamps(hypothesis, step)
+            transcript.words, transcript.segments = self.tokenizer.timestamps(hypothesis,
+                                                                              self.config.seconds_per_encoder_frame)
         return transcript
 
     def transcribe_waveforms(self, waveforms: Sequence[np.ndarray], *, timestamps: bool = False,
@@ -185,14 +218,24 @@ class ParakeetTDT:
 
     def transcribe(self, audio: AudioItem | list[AudioItem], *, batch_size: int = 16, timestamps: bool = False,
                    attention: AttentionSpec | None = None,
-                   full_attention_max_seconds: float | None = None) -> Transcript | list[Transcript]:
+                   full_attention_max_seconds: float | None = None,
+                   streaming: tuple[float, float, float] | bool | None = None) -> Transcript | list[Transcript]:
         """Transcribe one item (-> Transcript) or a list (-> list, in order).
 
         An item is a file path, a 1-D float array/tensor at the model's sample rate, or (array, sample_rate).
         Clips are batched by similar length; batching never changes a clip's result. `attention` ("auto",
         "full", N or (N, N)) and `full_attention_max_seconds` override the instance's settings for this call.
+        `streaming=(left, chunk, right)` seconds (or True: 10-2-2) transcribes like `stream()` fed the whole clip
+        (NeMo's buffered streaming; `batch_size` streams advance together).
         """
         self.attention_policy(attention, full_attention_max_seconds)
+        if streaming is not None and streaming is not False:
+            from .streaming import StreamingContext, parse_streaming, transcribe_streaming
+
+            if attention is not None or full_attention_max_seconds is not None:
+                raise ValueError("streaming encodes every buffer with full attention; attention= and "
+                                 "full_attention_max_seconds= do not apply to it")
+            streaming = StreamingContext.from_seconds(self, *parse_streaming(streaming))
         single = not isinstance(audio, list)
         items = [audio] if single else audio
         if batch_size < 1:
@@ -202,6 +245,9 @@ class ParakeetTDT:
             samples = as_waveform(item, self.sample_rate)
             check_waveform(samples, min_samples=self.min_samples, name=str(item) if isinstance(item, (str, os.PathLike)) else f"item {index}")
             waveforms.append(samples)
+        if streaming:
+            results = transcribe_streaming(self, waveforms, streaming, batch_size=batch_size, timestamps=timestamps)
+            return results[0] if single else results
         order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]), reverse=True)
         results: list[Transcript | None] = [None] * len(waveforms)
         for start in range(0, len(order), batch_size):
@@ -211,6 +257,15 @@ class ParakeetTDT:
             for index, transcript in zip(chosen, batch):
                 results[index] = transcript
         return results[0] if single else results
+
+    def stream(self, *, left_seconds: float = 10.0, chunk_seconds: float = 2.0, right_seconds: float = 2.0):
+        """A `StreamingSession`: feed audio in pieces, get final tokens chunk by chunk (NeMo's buffered streaming).
+
+        Contexts are rounded down to whole encoder frames (80 ms for Parakeet): latency is chunk + right context;
+        NeMo recommends 10-2-2 for live use and 10-10-5 for long files. See parakeet_core/streaming.py."""
+        from .streaming import StreamingContext, StreamingSession
+
+        return StreamingSession(self, StreamingContext.from_seconds(self, left_seconds, chunk_seconds, right_seconds))
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), seconds: float = 2.0) -> None:
         """Run each loaded stage once per batch size (allocator, kernels, CUDA-graph capture) before real traffic."""

@@ -4,7 +4,7 @@ Text: the pieces are decoded by SentencePiece, then one whitespace before a punc
 contains is removed. Timestamps: each token spans [frame, frame + duration) encoder frames; a token that is a
 punctuation mark is moved to the end of the token before it; words start at pieces carrying the word-boundary
 marker, punctuation attaches to the word before it, segments end at words ending in '.', '?' or '!'. Frames
-become seconds as `frame * window_stride * subsampling_factor`.
+become seconds as `frame * seconds_per_encoder_frame` (window stride x subsampling factor).
 """
 
 from __future__ import annotations
@@ -70,16 +70,17 @@ class Tokenizer:
             text = self._space_before_punctuation.sub(r"\2", text)
         return text
 
-    def timestamps(self, hypothesis: Hypothesis, seconds_per_frame_step: tuple[float, int]) -> tuple[list[TimedText], list[TimedText]]:
-        """Word and segment timestamps in seconds. `seconds_per_frame_step` is (window stride, subsampling)."""
+    def timestamps(self, hypothesis: Hypothesis, seconds_per_encoder_frame: float) -> tuple[list[TimedText], list[TimedText]]:
+        """Word and segment timestamps in seconds (`ModelConfig.seconds_per_encoder_frame`: window stride x
+        subsampling factor, a power of two, so the product rounds as stride-then-factor does)."""
         tokens = self._token_spans(hypothesis)
         pieces = [self.pieces[i] for i in hypothesis.token_ids]
         words = self._words(tokens, pieces)
         segments = self._segments(words)
-        stride, factor = seconds_per_frame_step
 
         def seconds(spans: list[_Span]) -> list[TimedText]:
-            return [TimedText(s.text, s.start * stride * factor, s.end * stride * factor) for s in spans]
+            return [TimedText(s.text, s.start * seconds_per_encoder_frame, s.end * seconds_per_encoder_frame)
+                    for s in spans]
 
         return seconds(words), seconds(segments)
 

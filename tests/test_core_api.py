@@ -209,7 +209,7 @@ def test_cpu_loop_token_table_equals_the_per_step_product():
     """The first LSTM layer's input product, looked up per token, is what computing it per step would give."""
     from core_fixtures import load_fixture
     from parakeet_core import kernels
-    from parakeet_core.decoder import _HostLoopWeights
+    from parakeet_core.decoding import _HostLoopWeights
 
     if not kernels.onednn_available():
         pytest.skip("exact row independence is a property of oneDNN's packed products")

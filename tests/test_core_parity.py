@@ -148,8 +148,8 @@ def test_fixed_shape_loop_equals_host_loop(name):
     decoder = load_model(name).decoder
     encoded, encoded_lengths = _mixed_batch_encoded(name)
     with torch.inference_mode():
-        fixed_shape = decoder._decode_fixed_shape(encoded, encoded_lengths)
-    assert fixed_shape == decoder(encoded, encoded_lengths)
+        fixed_shape = decoder(encoded, encoded_lengths, loop="fixed_shape")
+    assert fixed_shape == decoder(encoded, encoded_lengths, loop="host") == decoder(encoded, encoded_lengths)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
