@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from parakeet_triton.protocol import ENSEMBLE_MODEL, PREPROCESSOR_MODEL, TIMESTAMPS, TRANSCRIPTS, WAV, WAV_LENS
-
 from .audio import AudioClip
-from .errors import AudioTooLongError, ServerRejectedError, ServerUnavailableError
+from .errors import (AudioTooLongError, ModelNotReadyError, ServerRejectedError, ServerUnavailableError,
+                     ServerUnreachableError, not_ready_message, unreachable_message)
+from .protocol import MAX_AUDIO_SECONDS_PARAMETER, TIMESTAMPS, TRANSCRIPTS, WAV, WAV_LENS
 from .retry import RetryPolicy, retry_reason
 from .transcript import Transcript
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
-MAX_AUDIO_PARAMETER = "max_audio_seconds"
+MAX_AUDIO_PARAMETER = MAX_AUDIO_SECONDS_PARAMETER
 """Model-config parameter in which the server states the longest clip it accepts, in seconds."""
-MODELS_STATING_THE_LIMIT = (ENSEMBLE_MODEL, PREPROCESSOR_MODEL)
 
 
 def triton_module(protocol: str, asynchronous: bool = False) -> Any:
@@ -52,6 +51,31 @@ def build_request(module: Any, clip: AudioClip, timestamps: bool) -> tuple[list[
     return inputs, outputs
 
 
+def build_piece_request(module: Any, samples: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """The inputs (WAV [1, n] FP32, WAV_LENS [1, 1] INT32; n may be 0) and outputs of one piece of a stream."""
+    wav = np.ascontiguousarray(samples, dtype=np.float32).reshape(1, -1)
+    inputs = [module.InferInput(WAV, list(wav.shape), "FP32"), module.InferInput(WAV_LENS, [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(wav)
+    inputs[1].set_data_from_numpy(np.array([[wav.shape[1]]], dtype=np.int32))
+    return inputs, [module.InferRequestedOutput(TRANSCRIPTS), module.InferRequestedOutput(TIMESTAMPS)]
+
+
+def parse_piece_response(result: Any) -> tuple[str, str]:
+    """(text so far, TIMESTAMPS JSON or "") of a streaming model's answer."""
+    text = _first_element(result.as_numpy(TRANSCRIPTS), TRANSCRIPTS)
+    timing = _first_element(result.as_numpy(TIMESTAMPS), TIMESTAMPS)
+    return (text.decode("utf-8") if isinstance(text, bytes) else str(text),
+            timing.decode("utf-8") if isinstance(timing, bytes) else str(timing))
+
+
+def stream_error(error: Exception, name: str) -> Exception:
+    """What a failed piece of a stream raises (never retried: the server's state has moved on)."""
+    if isinstance(error, InferenceServerException):
+        status = error.status()
+        return ServerRejectedError(error_message(error), str(status) if status else None, name)
+    return error
+
+
 def parse_response(result: Any, clip: AudioClip, timestamps: bool) -> Transcript:
     """The transcript of a one-clip response."""
     text = _first_element(result.as_numpy(TRANSCRIPTS), TRANSCRIPTS)
@@ -65,21 +89,16 @@ def _first_element(array: np.ndarray | None, name: str) -> Any:
     return array.reshape(-1)[0]
 
 
-def max_audio_seconds_from_configs(configs: Iterable[Mapping[str, Any]]) -> float | None:
-    """The first `max_audio_seconds` parameter found in model configs (JSON form), or None."""
-    for config in configs:
-        config = config.get("config", config)  # gRPC's JSON wraps the config, HTTP's does not
-        parameter = (config.get("parameters") or {}).get(MAX_AUDIO_PARAMETER)
-        if parameter is None:
-            continue
-        value = parameter.get("string_value", parameter) if isinstance(parameter, Mapping) else parameter
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            continue
-        if seconds > 0:
-            return seconds
-    return None
+def max_audio_seconds_from_config(config: Mapping[str, Any]) -> float | None:
+    """The `max_audio_seconds` parameter of a model config (JSON form), or None when it states none."""
+    config = config.get("config", config)  # gRPC's JSON wraps the config, HTTP's does not
+    parameter = (config.get("parameters") or {}).get(MAX_AUDIO_PARAMETER)
+    value = parameter.get("string_value", parameter) if isinstance(parameter, Mapping) else parameter
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
 
 
 def check_length(clip: AudioClip, max_audio_seconds: float | None) -> None:
@@ -130,3 +149,21 @@ def limit_unknown_for_now(error: Exception) -> bool:
     if not isinstance(error, InferenceServerException):
         raise error
     return False
+
+
+def require_live(live: bool | Exception, url: str, protocol: str) -> None:
+    """After asking the server whether it is live (`live`: its answer, or the error the call raised): return, or raise
+    ServerUnreachableError describing what answered at `url` (e.g. `connection refused at 127.0.0.1:8001 (grpc)`)."""
+    if isinstance(live, Exception):
+        raise ServerUnreachableError(unreachable_message(live, url, protocol)) from live
+    if not live:
+        raise ServerUnreachableError(f"the server at {url} ({protocol}) answers but is not live: is it a Triton server?")
+
+
+def require_ready(ready: bool | Exception, model: str, url: str, protocol: str) -> None:
+    """After asking whether `model` is ready (`ready`: the answer, or the call's error): return, or raise
+    ModelNotReadyError (the server is up, the model is not)."""
+    if isinstance(ready, Exception):
+        raise ModelNotReadyError(f"{not_ready_message(model, url, protocol)}: {ready}") from ready
+    if not ready:
+        raise ModelNotReadyError(not_ready_message(model, url, protocol))

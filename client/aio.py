@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterable, Sequence
+import time
+from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence
 
-from parakeet_triton.protocol import ENSEMBLE_MODEL
+import numpy as np
 
 from . import _wire
 from .audio import AudioClip, AudioInput, load_clip
-from .client import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, Outcome, is_single_item, item_name
+from .client import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, InFlight, Outcome, is_single_item, item_name
+from .protocol import ENSEMBLE_MODEL, SAMPLE_RATE, STREAMING_MODEL
 from .retry import RetryPolicy
+from .streaming import StreamUpdate, audio_pieces, new_sequence_id
 from .transcript import Transcript
 
 
@@ -58,34 +61,59 @@ class AsyncParakeetClient:
         """Yield one Outcome per item in completion order; at most `concurrency` items at a time."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        pending_items = iter(enumerate(items))
-        running: dict[asyncio.Task, tuple[int, str]] = {}
-
-        def start_next() -> bool:
-            try:
-                index, item = next(pending_items)
-            except StopIteration:
-                return False
-            name = item_name(item, index)
-            running[asyncio.create_task(self._transcribe_item(item, name, timestamps))] = (index, name)
-            return True
-
+        window = InFlight(items, concurrency, lambda index, name, item: asyncio.create_task(
+            self._transcribe_item(item, name, timestamps)))
         try:
-            while len(running) < concurrency and start_next():
-                pass
-            while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    index, name = running.pop(task)
-                    error = task.exception()
-                    yield (Outcome(index, name, error=error) if error is not None
-                           else Outcome(index, name, transcript=task.result()))
-                    start_next()
+            while window.running:
+                done, _ = await asyncio.wait(window.running, return_when=asyncio.FIRST_COMPLETED)
+                for outcome in window.finished(done):
+                    yield outcome
         finally:
-            for task in running:
+            for task in window.running:
                 task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            if window.running:
+                await asyncio.gather(*window.running, return_exceptions=True)
+
+    async def stream(self, audio: AudioInput | Iterable[np.ndarray], *, piece_seconds: float = 0.5,
+                     realtime: bool = True, model: str = STREAMING_MODEL,
+                     sequence_id: int | str | None = None) -> AsyncIterator[StreamUpdate]:
+        """Send audio to the streaming model piece by piece and yield one StreamUpdate per piece, then the final one.
+
+        `audio`: a file or array (cut into `piece_seconds` pieces), or an iterable of float32 16 kHz pieces (e.g.
+        `parakeet_client.streaming.read_pieces(sys.stdin.buffer, ...)`; read in a worker thread, so a live source
+        never blocks the loop). `realtime`: never send audio before it would exist in a live stream (a file plays
+        at its own speed; a live source is never slowed); False sends as fast as the server answers. The stream
+        is one sequence (`sequence_id`, random by default); a piece the server refuses raises ServerRejectedError
+        and ends the iteration (no retries: the server's state has moved on)."""
+        pieces = audio_pieces(audio, piece_seconds)
+        sequence_id = new_sequence_id() if sequence_id is None else sequence_id
+        name = item_name(audio)
+        started = time.monotonic()
+        sent = 0
+        first = True
+        while True:
+            piece = await asyncio.to_thread(next, pieces, None)
+            last = piece is None
+            piece = np.zeros(0, dtype=np.float32) if last else piece
+            sent += len(piece)
+            if realtime and not last:
+                await asyncio.sleep(max(0.0, started + sent / SAMPLE_RATE - time.monotonic()))
+            inputs, outputs = _wire.build_piece_request(self._module, piece)
+            sent_at = time.monotonic()
+            try:
+                result = await self._client().infer(model, inputs, outputs=outputs, sequence_id=sequence_id,
+                                                    sequence_start=first, sequence_end=last,
+                                                    **_wire.timeout_kwargs(self.protocol, self.timeout))
+            except Exception as error:
+                raise _wire.stream_error(error, name) from error
+            first = False
+            text, timing = _wire.parse_piece_response(result)
+            latency = time.monotonic() - sent_at
+            if last:
+                transcript = Transcript.from_server(text, timing or None, audio_seconds=sent / SAMPLE_RATE)
+                yield StreamUpdate(text, sent / SAMPLE_RATE, latency, final=True, transcript=transcript)
+                return
+            yield StreamUpdate(text, sent / SAMPLE_RATE, latency)
 
     async def max_audio_seconds(self) -> float | None:
         """The longest clip the server accepts (from its model config), or None when it states no limit."""
@@ -102,6 +130,22 @@ class AsyncParakeetClient:
             return bool(await self._client().is_model_ready(self.model, **_wire.timeout_kwargs(self.protocol, self.timeout)))
         except Exception:  # any transport failure means "not ready"
             return False
+
+    async def check_ready(self) -> None:
+        """Return when the model is ready; else raise ServerUnreachableError or ModelNotReadyError (as
+        ParakeetClient.check_ready does). No retries."""
+        kwargs = _wire.timeout_kwargs(self.protocol, self.timeout)
+        _wire.require_live(await self._answer(self._client().is_server_live(**kwargs)), self.url, self.protocol)
+        _wire.require_ready(await self._answer(self._client().is_model_ready(self.model, **kwargs)),
+                            self.model, self.url, self.protocol)
+
+    @staticmethod
+    async def _answer(call: Awaitable[Any]) -> Any:
+        """The awaited result, or the exception it raised (returned, not raised)."""
+        try:
+            return await call
+        except Exception as error:  # the caller turns every failure into a description
+            return error
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -133,14 +177,13 @@ class AsyncParakeetClient:
         raise AssertionError("unreachable")
 
     async def _fetch_limit(self) -> tuple[float | None, bool]:
-        configs = []
-        for model in _wire.MODELS_STATING_THE_LIMIT:
-            try:
-                configs.append(await self._client().get_model_config(model, **_wire.json_kwargs(self.protocol, self.timeout)))
-            except Exception as error:
-                if _wire.limit_unknown_for_now(error):
-                    return None, False  # ask again with the next request
-        return _wire.max_audio_seconds_from_configs(configs), True
+        try:
+            config = await self._client().get_model_config(self.model, **_wire.json_kwargs(self.protocol, self.timeout))
+        except Exception as error:
+            if _wire.limit_unknown_for_now(error):
+                return None, False  # ask again with the next request
+            return None, True
+        return _wire.max_audio_seconds_from_config(config), True
 
 
     def _client(self) -> Any:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from parakeet_triton.protocol import ENSEMBLE_MODEL
 
 from . import _wire
 from .audio import AudioClip, AudioInput, load_clip
+from .protocol import ENSEMBLE_MODEL
 from .retry import RetryPolicy
 from .transcript import Transcript
 
@@ -35,6 +35,12 @@ class Outcome:
     def __post_init__(self) -> None:
         if (self.transcript is None) == (self.error is None):
             raise ValueError("an Outcome holds exactly one of transcript and error")
+
+    @classmethod
+    def of(cls, index: int, name: str, finished: Any) -> "Outcome":
+        """The outcome of a finished future or asyncio task."""
+        error = finished.exception()
+        return cls(index, name, error=error) if error is not None else cls(index, name, transcript=finished.result())
 
     @property
     def ok(self) -> bool:
@@ -104,32 +110,18 @@ class ParakeetClient:
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        pending_items = iter(enumerate(items))
-        running: dict[Future, tuple[int, str]] = {}
 
-        def submit_next() -> bool:
-            try:
-                index, item = next(pending_items)
-            except StopIteration:
-                return False
-            name = item_name(item, index)
-            running[self._submit(concurrency, self._transcribe_item, item, name, timestamps,
-                                 None if on_sent is None else functools.partial(on_sent, index))] = (index, name)
-            return True
+        def submit(index: int, name: str, item: AudioInput) -> Future:
+            return self._submit(concurrency, self._transcribe_item, item, name, timestamps,
+                                None if on_sent is None else functools.partial(on_sent, index))
 
+        window = InFlight(items, concurrency, submit)
         try:
-            while len(running) < concurrency and submit_next():
-                pass
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index, name = running.pop(future)
-                    error = future.exception()
-                    yield (Outcome(index, name, error=error) if error is not None
-                           else Outcome(index, name, transcript=future.result()))
-                    submit_next()
+            while window.running:
+                done, _ = wait(window.running, return_when=FIRST_COMPLETED)
+                yield from window.finished(done)
         finally:
-            for future in running:
+            for future in window.running:
                 future.cancel()
 
     @property
@@ -148,6 +140,24 @@ class ParakeetClient:
                 return bool(connection.is_model_ready(self.model, **_wire.timeout_kwargs(self.protocol, self.timeout)))
         except Exception:  # any transport failure means "not ready"
             return False
+
+    def check_ready(self) -> None:
+        """Return when the model is ready; else raise ServerUnreachableError (nothing usable answers at `url`, e.g.
+        `connection refused at 127.0.0.1:8001 (grpc)`) or ModelNotReadyError (the server is up, the model is not).
+        No retries."""
+        kwargs = _wire.timeout_kwargs(self.protocol, self.timeout)
+        _wire.require_live(self._answer(lambda connection: connection.is_server_live(**kwargs)), self.url,
+                           self.protocol)
+        _wire.require_ready(self._answer(lambda connection: connection.is_model_ready(self.model, **kwargs)),
+                            self.model, self.url, self.protocol)
+
+    def _answer(self, call: Callable[[Any], Any]) -> Any:
+        """`call(connection)`'s result, or the exception it raised (returned, not raised)."""
+        try:
+            with self._connection() as connection:
+                return call(connection)
+        except Exception as error:  # the caller turns every failure into a description
+            return error
 
     def close(self) -> None:
         with self._lock:
@@ -189,15 +199,14 @@ class ParakeetClient:
 
     def _fetch_limit(self) -> tuple[float | None, bool]:
         """(limit, known): known is False when the server could not be asked, so that we ask again later."""
-        configs = []
-        for model in _wire.MODELS_STATING_THE_LIMIT:
-            try:
-                with self._connection() as connection:
-                    configs.append(connection.get_model_config(model, **_wire.json_kwargs(self.protocol, self.timeout)))
-            except Exception as error:
-                if _wire.limit_unknown_for_now(error):
-                    return None, False  # ask again with the next request
-        return _wire.max_audio_seconds_from_configs(configs), True
+        try:
+            with self._connection() as connection:
+                config = connection.get_model_config(self.model, **_wire.json_kwargs(self.protocol, self.timeout))
+        except Exception as error:
+            if _wire.limit_unknown_for_now(error):
+                return None, False  # ask again with the next request
+            return None, True
+        return _wire.max_audio_seconds_from_config(config), True
 
 
     @contextmanager
@@ -240,6 +249,33 @@ class ParakeetClient:
 def is_single_item(audio: Any) -> bool:
     """A path, an array or an `(array, rate)` tuple is one item; lists and other iterables are many."""
     return isinstance(audio, (str, os.PathLike, np.ndarray, tuple))
+
+
+class InFlight:
+    """At most `concurrency` items of a batch in flight: `start(index, name, item)` starts one and returns its future
+    (or asyncio task); `running` maps what is in flight to (index, name); `finished(done)` turns finished ones into
+    Outcomes and starts the next items. Shared by the blocking and the asyncio clients."""
+
+    def __init__(self, items: Iterable[Any], concurrency: int, start: Callable[[int, str, Any], Any]):
+        self._pending = enumerate(items)
+        self._start = start
+        self.running: dict[Any, tuple[int, str]] = {}
+        while len(self.running) < concurrency and self._start_next():
+            pass
+
+    def _start_next(self) -> bool:
+        following = next(self._pending, None)
+        if following is None:
+            return False
+        index, item = following
+        name = item_name(item, index)
+        self.running[self._start(index, name, item)] = (index, name)
+        return True
+
+    def finished(self, done: Iterable[Any]) -> Iterator[Outcome]:
+        for future in done:
+            yield Outcome.of(*self.running.pop(future), future)
+            self._start_next()
 
 
 def item_name(item: Any, index: int | None = None) -> str:

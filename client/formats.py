@@ -1,23 +1,35 @@
-"""Writing transcripts out: plain text, JSON, SubRip (`srt`) and WebVTT (`webvtt-py`)."""
+"""Writing transcripts out: plain text, JSON, SubRip (`srt`) and WebVTT (`webvtt-py`).
+
+JSON times are rounded to milliseconds. SRT and VTT cues follow `subtitles`: at most 2 lines of 42 characters and
+7 s per cue, split at word boundaries and timed by the words, never across a segment.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+from typing import Any
 
 import srt
 import webvtt
 
+from .subtitles import (MAX_CUE_CHARACTERS, MAX_CUE_SECONDS, MAX_LINE_CHARACTERS, break_lines, cues_from_segments,
+                        group_words)
 from .transcript import TimedText, Transcript
+
+__all__ = [
+    "FILE_SUFFIXES", "FORMATS", "FORMATS_NEEDING_TIMESTAMPS", "MAX_CUE_CHARACTERS", "MAX_CUE_SECONDS",
+    "MAX_LINE_CHARACTERS", "MIN_CUE_SECONDS", "capped_cues", "group_words", "json_document", "render",
+    "rounded_times", "subtitle_cues", "to_json", "to_srt", "to_text", "to_vtt",
+]
 
 FORMATS = ("text", "json", "srt", "vtt")
 FILE_SUFFIXES = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}
 FORMATS_NEEDING_TIMESTAMPS = frozenset({"json", "srt", "vtt"})
 
-MAX_CUE_CHARACTERS = 42
-"""Longest subtitle line built from words when the server sent no segments (a common broadcast guideline)."""
-MAX_CUE_SECONDS = 6.0
 MIN_CUE_SECONDS = 0.001
+TIME_DECIMALS = 3
+"""Times in JSON are rounded to milliseconds."""
 
 
 def render(transcript: Transcript, format: str, *, timestamps: bool = False) -> str:
@@ -40,28 +52,44 @@ def to_text(transcript: Transcript, *, timestamps: bool = False) -> str:
 
 
 def to_json(transcript: Transcript) -> str:
-    return json.dumps(transcript.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    return json.dumps(json_document(transcript), ensure_ascii=False, indent=2) + "\n"
+
+
+def json_document(transcript: Transcript) -> dict[str, Any]:
+    """The JSON form of a transcript (text, words, segments) with times rounded to milliseconds."""
+    return rounded_times(transcript.to_dict())
+
+
+def rounded_times(document: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a transcript's dict with every word and segment `start`/`end` rounded to milliseconds."""
+    rounded = dict(document)
+    for key in ("words", "segments"):
+        if key in rounded:
+            rounded[key] = [{**item, "start": round(item["start"], TIME_DECIMALS),
+                             "end": round(item["end"], TIME_DECIMALS)} for item in rounded[key]]
+    return rounded
 
 
 def to_srt(transcript: Transcript) -> str:
     subtitles = [
         srt.Subtitle(index=number, start=datetime.timedelta(seconds=cue.start),
-                     end=datetime.timedelta(seconds=cue.end), content=cue.text)
-        for number, cue in enumerate(subtitle_cues(transcript), start=1)
+                     end=datetime.timedelta(seconds=cue.end), content="\n".join(break_lines(cue.text)))
+        for number, cue in enumerate(capped_cues(transcript), start=1)
     ]
     return srt.compose(subtitles)
 
 
 def to_vtt(transcript: Transcript) -> str:
     document = webvtt.WebVTT()
-    for cue in subtitle_cues(transcript):
+    for cue in capped_cues(transcript):
         document.captions.append(webvtt.Caption(start=_vtt_time(cue.start), end=_vtt_time(cue.end),
-                                                text=_vtt_escape(cue.text)))
+                                                text="\n".join(_vtt_escape(line) for line in break_lines(cue.text))))
     return document.content
 
 
 def subtitle_cues(transcript: Transcript) -> list[TimedText]:
-    """Cues for subtitles: the server's segments; else words grouped into short lines; else the whole text."""
+    """The transcript's timed spans: the server's segments as they are; else words grouped into cues; else the
+    whole text over the audio."""
     if transcript.segments:
         cues = list(transcript.segments)
     elif transcript.words:
@@ -70,31 +98,28 @@ def subtitle_cues(transcript: Transcript) -> list[TimedText]:
         cues = [TimedText(transcript.text, 0.0, transcript.audio_seconds)]
     else:
         cues = []
+    return _tidy(cues)
+
+
+def capped_cues(transcript: Transcript) -> list[TimedText]:
+    """The cues srt and vtt files hold: each segment (or the words, or the whole text) split at word boundaries into
+    cues of at most 2 lines of 42 characters and 7 s, timed by their words (times estimated where words are
+    missing). The cue text is one line; `subtitles.break_lines` makes the display lines."""
+    if transcript.segments:
+        cues = cues_from_segments(transcript.segments, transcript.words)
+    elif transcript.words:
+        cues = group_words(transcript.words)
+    elif transcript.text.strip() and transcript.audio_seconds:
+        cues = cues_from_segments([TimedText(transcript.text, 0.0, transcript.audio_seconds)], [])
+    else:
+        cues = []
+    return _tidy(cues)
+
+
+def _tidy(cues: list[TimedText]) -> list[TimedText]:
+    """Whitespace collapsed, empty cues dropped, and at least MIN_CUE_SECONDS each (players skip empty spans)."""
     return [TimedText(" ".join(cue.text.split()), cue.start, max(cue.end, cue.start + MIN_CUE_SECONDS))
             for cue in cues if cue.text.strip()]
-
-
-def group_words(words: tuple[TimedText, ...] | list[TimedText]) -> list[TimedText]:
-    """Join words into cues of at most MAX_CUE_CHARACTERS and MAX_CUE_SECONDS, breaking after sentence ends."""
-    cues: list[TimedText] = []
-    current: list[TimedText] = []
-    for word in words:
-        if current:
-            text = " ".join(w.text for w in current + [word])
-            if len(text) > MAX_CUE_CHARACTERS or word.end - current[0].start > MAX_CUE_SECONDS:
-                cues.append(_join(current))
-                current = []
-        current.append(word)
-        if word.text.endswith((".", "?", "!")):
-            cues.append(_join(current))
-            current = []
-    if current:
-        cues.append(_join(current))
-    return cues
-
-
-def _join(words: list[TimedText]) -> TimedText:
-    return TimedText(" ".join(word.text for word in words), words[0].start, max(w.end for w in words))
 
 
 def _vtt_time(seconds: float) -> str:

@@ -51,9 +51,6 @@ class RetryPolicy:
         return base * (1 - self.jitter * random.random())
 
 
-NO_RETRY = RetryPolicy(attempts=1)
-
-
 def retry_reason(error: BaseException) -> str | None:
     """`UNAVAILABLE` or `DEADLINE` when `error` is worth retrying, None when the request must not be resent."""
     if isinstance(error, InferenceServerException):

@@ -12,6 +12,7 @@ import soundfile
 
 from parakeet_client import AudioClip, AudioDecodeError, load_clip
 from parakeet_client import audio as client_audio
+from parakeet_client.errors import NoAudioStreamError
 from parakeet_triton.protocol import SAMPLE_RATE
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not on PATH")
@@ -95,14 +96,42 @@ def test_video_without_audio_is_a_clear_error(tmp_path: Path) -> None:
     video = tmp_path / "silent.mp4"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "color=c=black:s=32x32:d=1",
                     "-c:v", "libx264", str(video)], check=True, timeout=60)
-    with pytest.raises(AudioDecodeError, match="silent.mp4: cannot read this file"):
+    with pytest.raises(NoAudioStreamError) as error:
         load_clip(video)
+    assert str(error.value) == f"no audio stream in {video}"
+    assert "trailing '?'" not in str(error.value)
+
+
+@needs_ffmpeg
+def test_text_renamed_to_mp4_is_called_not_media(tmp_path: Path) -> None:
+    path = tmp_path / "notes.mp4"
+    path.write_text("these are notes, not a video\n" * 20)
+    with pytest.raises(AudioDecodeError, match="notes.mp4: cannot read this file: not audio or video that soundfile "
+                                               "or ffmpeg recognise, or damaged"):
+        load_clip(path)
+
+
+@pytest.mark.parametrize("ffmpeg_output, expected", [
+    ("Stream map '0:a:0' matches no streams.\nTo ignore this, add a trailing '?' to the map.",
+     "no audio stream in v.mp4"),
+    ("Output file #0 does not contain any stream", "no audio stream in v.mp4"),
+    ("[mov @ 0x1] moov atom not found\nv.mp4: Invalid data found when processing input",
+     "v.mp4: cannot read this file: not audio or video that soundfile or ffmpeg recognise, or damaged "
+     "(soundfile: Format not recognised; ffmpeg: v.mp4: Invalid data found when processing input)"),
+    ("Error while decoding stream #0:0: Invalid argument",
+     "v.mp4: cannot read this file (soundfile: Format not recognised; ffmpeg: Error while decoding stream #0:0: "
+     "Invalid argument)"),
+])
+def test_decode_failure_says_what_ffmpeg_found(ffmpeg_output: str, expected: str) -> None:
+    error = client_audio.decode_failure("v.mp4", "Format not recognised", ffmpeg_output)
+    assert str(error) == expected
+    assert isinstance(error, NoAudioStreamError) == expected.startswith("no audio stream")
 
 
 def test_corrupt_file_names_both_decoders(tmp_path: Path) -> None:
     path = tmp_path / "corrupt.wav"
     path.write_bytes(b"RIFF\x00\x01garbage" * 50)
-    with pytest.raises(AudioDecodeError, match=r"corrupt.wav: cannot read this file \(soundfile: .*") as error:
+    with pytest.raises(AudioDecodeError, match=r"corrupt.wav: cannot read this file.*\(soundfile: .*") as error:
         load_clip(path)
     if shutil.which("ffmpeg"):
         assert "ffmpeg:" in str(error.value)

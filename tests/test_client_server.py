@@ -146,7 +146,7 @@ def test_cli_on_a_folder_of_formats_with_a_corrupt_file(triton_server, media_fol
     media = sorted(p for p in media_folder.rglob("*") if p.is_file() and p.suffix not in (".txt",)
                    and p.name != "broken.wav")
     assert len(written) == len(media)
-    document = json.loads((out / "speech_en.json").read_text())
+    document = json.loads((out / "speech_en.wav.json").read_text())
     assert set(document) == {"text", "words", "segments"}
     assert document["text"] == reference_texts["speech_en.wav"]
     assert document["words"] and document["segments"]
@@ -164,7 +164,7 @@ def test_subtitles_parse_back(triton_server, reference_texts, tmp_path: Path, fm
                         "--format", fmt, "--output-dir", str(tmp_path))
     assert completed.returncode == 0, completed.stderr
     for name in ("speech_en", "speech_de"):
-        content = (tmp_path / f"{name}.{fmt}").read_text(encoding="utf-8")
+        content = (tmp_path / f"{name}.wav.{fmt}").read_text(encoding="utf-8")
         if fmt == "srt":
             cues = [(s.start.total_seconds(), s.end.total_seconds(), s.content) for s in srt.parse(content)]
         else:
