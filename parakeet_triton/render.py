@@ -6,7 +6,9 @@ configuration; every variant (CPU, GPU, Jetson-style KIND_CPU instances computin
 (`parakeet-serve --render-only DIR` on the command line).
 
 The checkpoint is set in exactly one place, ``RenderOptions.checkpoint``, and rendered into the parameters of
-every composing model, so each Triton model loads its own stage from the same source.
+every composing model, so each Triton model loads its own stage from the same source. With ``streaming`` on, the
+streaming model (`model_repository/parakeet_streaming`, one Python model holding the whole model and each stream's
+state) and its aliases (ensembles over it, `model_repository/parakeet_streaming_alias`) are rendered too.
 """
 
 from __future__ import annotations
@@ -16,88 +18,57 @@ import os
 import shutil
 import string
 from pathlib import Path
+from typing import Any
 
-from parakeet_core.attention import AttentionPolicy, DEFAULT_FULL_ATTENTION_MAX_SECONDS
+from parakeet_core.attention import AttentionPolicy
 
 from . import drain, protocol
+from .settings import DEFAULT_MODEL_ALIASES, REPOSITORY_SETTINGS
 
-DEFAULT_CHECKPOINT = "nvidia/parakeet-tdt-0.6b-v3"
-DEVICES = ("auto", "cpu", "cuda")
-INSTANCE_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
-COMPOSING_MODELS = (protocol.PREPROCESSOR_MODEL, protocol.ENCODER_MODEL, protocol.DECODER_MODEL)
+COMPOSING_MODELS = protocol.COMPOSING_MODELS
 ALL_MODELS = COMPOSING_MODELS + (protocol.ENSEMBLE_MODEL,)
 TEMPLATE_NAME = "config.pbtxt.template"
+__all__ = ["ALL_MODELS", "COMPOSING_MODELS", "DEFAULT_MODEL_ALIASES", "RenderOptions", "TEMPLATE_NAME",
+           "ensemble_parameters", "model_parameters", "render_config", "render_repository", "template_dir",
+           "template_model", "usable_cpus"]
+
+_RenderSettings = dataclasses.make_dataclass(
+    "_RenderSettings",
+    [(setting.name, Any, dataclasses.field(default=setting.default)) for setting in REPOSITORY_SETTINGS],
+    frozen=True,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class RenderOptions:
-    """Everything that differs between deployments. Validated on construction (ValueError naming the field)."""
+class RenderOptions(_RenderSettings):
+    """Everything that differs between deployments: one field per setting of
+    :data:`parakeet_triton.settings.REPOSITORY_SETTINGS` (name, default and meaning there).
 
-    checkpoint: str = DEFAULT_CHECKPOINT
-    """Local `.nemo` path or Hugging Face repo id. An existing local path is made absolute when rendered."""
-    device: str = "auto"
-    """Where each instance computes: `auto` (the instance's GPU for KIND_GPU instances, else CPU), `cpu`, `cuda`."""
-    instance_kind: str = "auto"
-    """Triton instance kind: `auto` (KIND_GPU for device cuda, KIND_CPU for cpu, KIND_AUTO for auto),
-    `KIND_CPU` or `KIND_GPU`. KIND_CPU with device `cuda` is the Jetson-style setup."""
-    instances: int = 1
-    """Instances of each composing model (per GPU for KIND_GPU)."""
-    max_batch_size: int = 16
-    """Largest batch (in clips) of every model, the ensemble included."""
-    max_queue_delay_us: int = 1000
-    """Dynamic-batching queue delay of the encoder and decoder, in microseconds."""
-    max_queue_size: int = 128
-    """Requests each composing model holds waiting (0: unbounded). Past it a request is refused at once with
-    UNAVAILABLE ("Exceeds maximum queue size"), which clients retry with backoff, instead of waiting past
-    their timeout."""
-    queue_timeout_s: float = 0.0
-    """Longest wait in each composing model's queue before a request is refused with UNAVAILABLE (0: no limit).
-    Execution time does not count."""
-    max_audio_seconds: float = protocol.DEFAULT_MAX_AUDIO_SECONDS
-    """Longest clip accepted (default 3 hours); longer clips get an error response."""
-    attention: str = "auto"
-    """Encoder attention: `auto` (full up to `full_attention_max_seconds`, local (256, 256) beyond), `full`, or a
-    symmetric local context N (encoder frames of 80 ms each side)."""
-    full_attention_max_seconds: float = DEFAULT_FULL_ATTENTION_MAX_SECONDS
-    """Longest clip that `auto` gives full attention."""
-    shm_growth_mb: int = 64
-    """Growth step of each Python-backend stub's shared-memory region, MiB (the backend's default is 1 MiB,
-    which a 3-hour request of ~690 MB would grow through hundreds of times)."""
-    execution_env_path: str | None = None
-    """Optional `EXECUTION_ENV_PATH` for the Python backend stub (a venv/conda directory or packed .tar.gz)."""
-    cpu_threads: int | None = None
-    """torch intra-op threads of each composing model instance. None: for CPU instances, the usable cores (CPU
-    affinity and cgroup quota) divided among the 3 x `instances` stage processes that share them, at least 1;
-    GPU instances keep torch's default."""
+    Validated on construction, each field by its setting's checks, then the combinations (ValueError naming the
+    field). `model_aliases` may be given as any sequence of names; it is kept as a tuple.
+    """
 
     def __post_init__(self) -> None:
-        if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
-            raise ValueError("checkpoint must be a non-empty local .nemo path or Hugging Face repo id")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
-        if self.instance_kind not in INSTANCE_KINDS:
-            raise ValueError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}; got {self.instance_kind!r}")
+        object.__setattr__(self, "model_aliases", tuple(self.model_aliases))
+        object.__setattr__(self, "streaming_model_aliases", tuple(self.streaming_model_aliases))
+        if isinstance(self.streaming_contexts, list):
+            object.__setattr__(self, "streaming_contexts", tuple(self.streaming_contexts))
+        for setting in REPOSITORY_SETTINGS:
+            setting.validate(getattr(self, setting.name))
+        named = [("model_name", self.model_name)] + [("model_aliases", a) for a in self.model_aliases]
+        if self.streaming:
+            named += [("streaming_model_name", self.streaming_model_name)]
+            named += [("streaming_model_aliases", a) for a in self.streaming_model_aliases]
+        seen: set[str] = set()
+        for field, name in named:
+            if name in COMPOSING_MODELS:
+                raise ValueError(f"{field}: {name!r} is the name of a composing model; choose another")
+            if name in seen:
+                raise ValueError(f"{field}: {name!r} is given twice")
+            seen.add(name)
         if self.instance_kind == "KIND_GPU" and self.device == "cpu":
             raise ValueError("instance_kind KIND_GPU cannot compute on device cpu; use KIND_CPU (or device auto/cuda)")
-        for name in ("instances", "max_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-        if self.cpu_threads is not None and (
-            not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool) or self.cpu_threads < 1
-        ):
-            raise ValueError(f"cpu_threads must be an integer >= 1 (or unset); got {self.cpu_threads!r}")
-        if not isinstance(self.max_queue_size, int) or isinstance(self.max_queue_size, bool) or self.max_queue_size < 0:
-            raise ValueError(f"max_queue_size must be an integer >= 0 (0: unbounded); got {self.max_queue_size!r}")
-        if not (isinstance(self.queue_timeout_s, (int, float)) and 0 <= self.queue_timeout_s < 1e6):
-            raise ValueError(f"queue_timeout_s must be >= 0 seconds (0: no limit); got {self.queue_timeout_s!r}")
-        if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_us must be an integer >= 0; got {self.max_queue_delay_us!r}")
-        if not (isinstance(self.max_audio_seconds, (int, float)) and self.max_audio_seconds > 0):
-            raise ValueError(f"max_audio_seconds must be > 0; got {self.max_audio_seconds!r}")
-        self.attention_policy  # validates attention and full_attention_max_seconds (ValueError naming them)
-        if not isinstance(self.shm_growth_mb, int) or isinstance(self.shm_growth_mb, bool) or self.shm_growth_mb < 1:
-            raise ValueError(f"shm_growth_mb must be an integer >= 1; got {self.shm_growth_mb!r}")
+        self.attention_policy  # validates attention and full_attention_max_seconds together
 
     @property
     def attention_policy(self) -> AttentionPolicy:
@@ -113,7 +84,8 @@ class RenderOptions:
             return self.cpu_threads
         if self.triton_instance_kind != "KIND_CPU" and self.device != "cpu":
             return None
-        return max(1, usable_cpus() // (len(COMPOSING_MODELS) * self.instances))
+        processes = len(COMPOSING_MODELS) + (1 if self.streaming else 0)
+        return max(1, usable_cpus() // (processes * self.instances))
 
     @property
     def queue_policy(self) -> str:
@@ -132,10 +104,31 @@ class RenderOptions:
         return {"cuda": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}[self.device]
 
     @property
+    def force_cpu_only_input_tensors(self) -> str:
+        """"yes" for KIND_CPU instances, which the Python backend (Jetson's too) hands CPU tensors only; "no" lets
+        GPU instances take their inputs where the previous stage left them (GPU tensors via DLPack)."""
+        return "yes" if self.triton_instance_kind == "KIND_CPU" else "no"
+
+    @property
     def resolved_checkpoint(self) -> str:
         """The checkpoint as rendered: existing local paths absolute (Triton runs from another directory)."""
         value = os.path.expanduser(self.checkpoint.strip())
         return os.path.abspath(value) if os.path.exists(value) else self.checkpoint.strip()
+
+    @property
+    def public_models(self) -> tuple[str, ...]:
+        """The ensemble's names: `model_name`, then the aliases."""
+        return (self.model_name,) + self.model_aliases
+
+    @property
+    def streaming_models(self) -> tuple[str, ...]:
+        """The streaming model's names (`streaming_model_name`, then its aliases); none unless `streaming`."""
+        return (self.streaming_model_name,) + self.streaming_model_aliases if self.streaming else ()
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """Every model folder of the rendered repository."""
+        return COMPOSING_MODELS + self.public_models + self.streaming_models
 
     @property
     def preferred_batch_sizes(self) -> list[int]:
@@ -184,28 +177,42 @@ def _parameters(entries: dict[str, str]) -> str:
 
 
 def model_parameters(options: RenderOptions, model: str) -> dict[str, str]:
-    """The `parameters` of one composing model (read back by parakeet_triton.glue.StageSettings)."""
-    params = {"checkpoint": options.resolved_checkpoint, "device": options.device}
-    if model == protocol.PREPROCESSOR_MODEL:
-        params["max_audio_seconds"] = repr(float(options.max_audio_seconds))
-    if model == protocol.ENCODER_MODEL:
-        params["attention"] = str(options.attention).strip().lower()
-        params["full_attention_max_seconds"] = repr(float(options.full_attention_max_seconds))
-    # GPU instances take their inputs where the previous stage left them (GPU tensors via DLPack); KIND_CPU
-    # instances (Jetson-style) only ever see CPU tensors, as the Python backend there has no GPU tensors.
-    params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "yes" if options.triton_instance_kind == "KIND_CPU" else "no"
-    threads = options.stage_cpu_threads
-    if threads is not None:
-        params["cpu_threads"] = str(threads)
-    if options.execution_env_path:
-        params["EXECUTION_ENV_PATH"] = options.execution_env_path
+    """The `parameters` of one model (`protocol.ENSEMBLE_MODEL` for the public model): each setting whose
+    `parameter` names this model, unless unset (read back by parakeet_triton.glue.StageSettings)."""
+    params = {}
+    for setting in REPOSITORY_SETTINGS:
+        parameter = setting.parameter
+        if parameter is None or model not in parameter.models:
+            continue
+        value = getattr(options, parameter.source or setting.name)
+        if value is not None and value != "":
+            params[parameter.key] = parameter.text(value)
     return params
 
 
+def ensemble_parameters(options: RenderOptions) -> dict[str, str]:
+    """The public model's `parameters`: the limits a client needs, so that it asks only the model it calls."""
+    return model_parameters(options, protocol.ENSEMBLE_MODEL)
+
+
+def template_model(options: RenderOptions, model: str) -> str:
+    """The template folder a served model is rendered from."""
+    if model in options.public_models:
+        return protocol.ENSEMBLE_MODEL
+    if options.streaming and model == options.streaming_model_name:
+        return protocol.STREAMING_MODEL
+    if options.streaming and model in options.streaming_model_aliases:
+        return protocol.STREAMING_ALIAS_TEMPLATE
+    return model
+
+
 def render_config(options: RenderOptions, model: str, templates: Path | None = None) -> str:
-    """The rendered config.pbtxt text of one model."""
+    """The rendered config.pbtxt text of one model (a composing model's name, one of `public_models`, or, with
+    `streaming`, one of `streaming_models`)."""
     templates = templates or template_dir()
-    template = string.Template((templates / model / TEMPLATE_NAME).read_text())
+    public = model in options.public_models
+    source_model = template_model(options, model)
+    template = string.Template((templates / source_model / TEMPLATE_NAME).read_text())
     preferred = options.preferred_batch_sizes
     values = {name: getattr(protocol, name) for name in dir(protocol) if name.isupper()}
     values.update(
@@ -215,10 +222,15 @@ def render_config(options: RenderOptions, model: str, templates: Path | None = N
         instances=str(options.instances),
         instance_kind=options.triton_instance_kind,
         preferred_batch_sizes=(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""),
-        parameters=_parameters(model_parameters(options, model)) if model in COMPOSING_MODELS else "",
+        parameters=_parameters(ensemble_parameters(options) if public else model_parameters(options, source_model)),
+        model_name=model,
+        streaming_model_name=options.streaming_model_name,
+        streaming_idle_us=str(round(options.streaming_idle_timeout_s * 1e6)),
+        streaming_max_streams=str(options.streaming_max_streams),
+        streaming_max_queue_delay_us=str(options.streaming_max_queue_delay_us),
     )
     body = "\n".join(line for line in template.substitute(values).splitlines() if not line.startswith("# Template:"))
-    header = (f"# Rendered by parakeet_triton.render from model_repository/{model}/{TEMPLATE_NAME}:\n"
+    header = (f"# Rendered by parakeet_triton.render from model_repository/{source_model}/{TEMPLATE_NAME}:\n"
               "# change the template or the parakeet-serve options, not this file.\n")
     return header + body + "\n"
 
@@ -226,7 +238,8 @@ def render_config(options: RenderOptions, model: str, templates: Path | None = N
 def render_repository(options: RenderOptions, out_dir: str | os.PathLike) -> Path:
     """Write the model repository for `options` into `out_dir` (created if needed) and return its path.
 
-    Only the four model folders are written; files in them are replaced, anything else is left alone.
+    Only the model folders are written (the composing models, the public model and its aliases, the streaming
+    model and its aliases when on); files in them are replaced, anything else is left alone.
     """
     templates = template_dir()
     out = Path(out_dir).resolve()
@@ -236,11 +249,11 @@ def render_repository(options: RenderOptions, out_dir: str | os.PathLike) -> Pat
     if drain_marker.exists():
         drain_marker.unlink()
     shutil.rmtree(drain.counts_dir(out), ignore_errors=True)
-    for model in ALL_MODELS:
+    for model in options.served_models:
         version_dir = out / model / "1"
         version_dir.mkdir(parents=True, exist_ok=True)
         (out / model / "config.pbtxt").write_text(render_config(options, model, templates))
-        source = templates / model / "1" / "model.py"
+        source = templates / template_model(options, model) / "1" / "model.py"
         if source.is_file():
             shutil.copyfile(source, version_dir / "model.py")
     return out

@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Sequence, TextIO
 
 # Admin surfaces closed to callers without the operator key (header `protocol.ADMIN_KEY_HEADER`): registering
 # shared memory (a client can point Triton at the Python backend's own regions), log settings, tracing, and
@@ -35,6 +35,21 @@ RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
 
 ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE:|^error: |failed to load")
 LOAD_FAILURE = re.compile(r"UNAVAILABLE:|^error: |failed to load")
+# Error-level lines that tritonserver prints on every start without a usable GPU, though nothing is wrong.
+HARMLESS_CPU_ERRORS = (
+    "CudaDriverHelper has not been initialized",
+    "unable to create stream for",  # the ensemble scheduler's CUDA stream; the ensemble runs without one
+    "Failed to initialize NVML",
+    "DCGM",
+)
+
+
+def is_real_error(line: str) -> bool:
+    """Whether a tritonserver log line is an error worth showing: error-level, and not one of the known-harmless
+    lines of a machine without a GPU (`HARMLESS_CPU_ERRORS`), unless it reports a model that failed to load."""
+    if not ERROR_LINE.search(line):
+        return False
+    return bool(LOAD_FAILURE.search(line)) or not any(pattern in line for pattern in HARMLESS_CPU_ERRORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,24 +174,14 @@ class Endpoints:
     grpc_port: int = 8001
     metrics_port: int = 8002
 
-    @property
-    def _client_host(self) -> str:
+    def address(self, port: int) -> str:
+        """host:port for a client on this machine (a wildcard host becomes loopback), as tritonclient takes it."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else "::1" if self.host == "::" else self.host
-        return f"[{host}]" if ":" in host else host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    @property
-    def http_url(self) -> str:
-        """host:port, as tritonclient.http takes it."""
-        return f"{self._client_host}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        """host:port, as tritonclient.grpc takes it."""
-        return f"{self._client_host}:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+    http_url = property(lambda self: self.address(self.http_port), doc="host:port of HTTP, for tritonclient.http")
+    grpc_url = property(lambda self: self.address(self.grpc_port), doc="host:port of gRPC, for tritonclient.grpc")
+    metrics_url = property(lambda self: f"http://{self.address(self.metrics_port)}/metrics")
 
     @property
     def ready_url(self) -> str:
@@ -197,6 +202,76 @@ def free_loopback_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@dataclasses.dataclass
+class LaunchedServer:
+    """A `parakeet-serve` child process on free loopback ports, for tests and benchmarks: started with
+    :meth:`start`, ready when Triton's `/v2/health/ready` answers 200, stopped by PID with :meth:`stop`."""
+
+    process: subprocess.Popen
+    endpoints: Endpoints
+    log_path: Path
+
+    @classmethod
+    def start(cls, checkpoint: str | os.PathLike, args: Sequence[str] = (), *, log_path: str | os.PathLike,
+              env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> "LaunchedServer":
+        """Start `python -m parakeet_triton.serve` in this interpreter, in the caller's environment less its
+        PARAKEET_* and OMP_* variables (the server picks its own threads), plus `env`; output to `log_path`."""
+        endpoints = Endpoints("127.0.0.1", *free_loopback_ports(3))
+        command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(checkpoint),
+                   "--host", endpoints.host, "--http-port", str(endpoints.http_port),
+                   "--grpc-port", str(endpoints.grpc_port), "--metrics-port", str(endpoints.metrics_port), *args]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("PARAKEET_", "OMP_"))} | (env or {})
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=clean, cwd=None if cwd is None else str(cwd))
+        return cls(process, endpoints, Path(log_path))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def grpc_url(self) -> str:
+        return self.endpoints.grpc_url
+
+    @property
+    def http_url(self) -> str:
+        return self.endpoints.http_url
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoints.ready_url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until ready; RuntimeError with the log's tail if the launcher exits or `timeout` passes first (the
+        launcher is stopped then)."""
+        deadline = time.monotonic() + timeout
+        # Alive first, then ready: a launcher that exited (say, on a port taken meanwhile) must not be taken for
+        # ready because another server answers on that port.
+        while self.process.poll() is not None or not self.is_ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                code = self.stop()
+                raise RuntimeError(f"parakeet-serve did not become ready (exit code {code}):\n{self.log()[-6000:]}")
+            time.sleep(0.25)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the launcher (it drains and stops tritonserver); SIGKILL past `timeout`. Its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
 
 
 def busy_ports(endpoints: Endpoints, extra: dict[str, int] | None = None) -> list[str]:
@@ -266,6 +341,14 @@ def tritonserver_command(
     return command
 
 
+def _write_line(stream: TextIO, line: str) -> None:
+    try:
+        stream.write(line)
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         import ctypes
@@ -276,14 +359,19 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class TritonServerProcess:
-    """One tritonserver child process: output forwarded to `sink`, error lines kept for the failure reason."""
+    """One tritonserver child process: output forwarded to `sink`, error lines kept for the failure reason.
 
-    def __init__(self, command: list[str], env: dict[str, str], endpoints: Endpoints, *, shm_prefix: str, sink: TextIO | None = None):
+    With `log_path`, the whole output goes to that file (overwritten at start) and `sink` gets only the real
+    errors (`is_real_error`)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], endpoints: Endpoints, *, shm_prefix: str,
+                 sink: TextIO | None = None, log_path: str | os.PathLike | None = None):
         self.command = command
         self.env = env
         self.endpoints = endpoints
         self.shm_prefix = shm_prefix
         self.sink = sink if sink is not None else sys.stderr
+        self.log_path = None if log_path is None else Path(log_path)
         self.process: subprocess.Popen | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._errors: list[str] = []
@@ -294,30 +382,40 @@ class TritonServerProcess:
         return None if self.process is None else self.process.pid
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # terminal signals reach us only; we forward exactly one
-            preexec_fn=_die_with_parent,
-        )
-        self._reader = threading.Thread(target=self._pump, name="tritonserver-log", daemon=True)
+        log = None if self.log_path is None else self.log_path.open("w", encoding="utf-8", errors="replace")
+        try:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # terminal signals reach us only; we forward exactly one
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            if log is not None:
+                log.close()
+            raise
+        self._reader = threading.Thread(target=self._pump, args=(log,), name="tritonserver-log", daemon=True)
         self._reader.start()
 
-    def _pump(self) -> None:
+    def _pump(self, log: TextIO | None) -> None:
         assert self.process is not None and self.process.stdout is not None
-        for raw in iter(self.process.stdout.readline, b""):
-            line = raw.decode("utf-8", errors="replace")
-            self._tail.append(line.rstrip("\n"))
-            if ERROR_LINE.search(line) and len(self._errors) < 200:
-                self._errors.append(line.rstrip("\n"))
-            try:
-                self.sink.write(line)
-                self.sink.flush()
-            except (OSError, ValueError):
-                pass
+        try:
+            for raw in iter(self.process.stdout.readline, b""):
+                line = raw.decode("utf-8", errors="replace")
+                self._tail.append(line.rstrip("\n"))
+                real_error = is_real_error(line)
+                if real_error and len(self._errors) < 200:
+                    self._errors.append(line.rstrip("\n"))
+                if log is not None:
+                    _write_line(log, line)
+                if log is None or real_error:
+                    _write_line(self.sink, line)
+        finally:
+            if log is not None:
+                log.close()
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()

@@ -6,12 +6,14 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
 # System tools some tests use: ffmpeg (audio formats), espeak-ng (load-test speech), promtool (autoscaler query),
-# tcmalloc (the server's default allocator).
+# tcmalloc (the server's default allocator), curl and jq (the documented HTTP examples).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   command -v ffmpeg >/dev/null || missing+=(ffmpeg)
   command -v espeak-ng >/dev/null || missing+=(espeak-ng)
   command -v promtool >/dev/null || missing+=(prometheus)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v jq >/dev/null || missing+=(jq)
   [ -e /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4 ] || [ -e /usr/lib/aarch64-linux-gnu/libtcmalloc.so.4 ] || missing+=(libgoogle-perftools4)
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

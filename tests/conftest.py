@@ -19,16 +19,13 @@ import dataclasses
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from parakeet_triton.server import free_loopback_ports
+from parakeet_triton.server import LaunchedServer, free_loopback_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -57,6 +54,7 @@ class ServerHandle:
     max_batch_size: int
     log_path: Path
     process: subprocess.Popen
+    launched: LaunchedServer
 
     @property
     def pid(self) -> int:
@@ -66,68 +64,37 @@ class ServerHandle:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def _is_ready(http_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def start_server(log_path: Path, *extra_args: str, checkpoint: Path | str = SERVED_CHECKPOINT,
                  wait: bool = True, env: dict[str, str] | None = None) -> ServerHandle:
-    """Start `parakeet-serve` (as `python -m parakeet_triton.serve`) on free loopback ports."""
-    http_port, grpc_port, metrics_port = free_ports(3)
-    command = [
-        sys.executable, "-m", "parakeet_triton.serve",
-        "--checkpoint", str(checkpoint),
-        "--device", "cpu",
-        "--host", "127.0.0.1",
-        "--http-port", str(http_port),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--max-batch-size", str(SERVER_MAX_BATCH_SIZE),
-        "--max-queue-delay-us", str(SERVER_QUEUE_DELAY_US),
-        "--max-audio-seconds", str(SERVER_MAX_AUDIO_SECONDS),
-        "--ready-timeout", str(READY_TIMEOUT_S),
-        *extra_args,
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAKEET_")} | (env or {})
-    log_file = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=env, cwd=str(ROOT))
-    log_file.close()
+    """Start `parakeet-serve` (as `python -m parakeet_triton.serve`) on free loopback ports, CPU."""
+    launched = LaunchedServer.start(
+        checkpoint,
+        ["--device", "cpu",
+         "--max-batch-size", str(SERVER_MAX_BATCH_SIZE),
+         "--max-queue-delay-us", str(SERVER_QUEUE_DELAY_US),
+         "--max-audio-seconds", str(SERVER_MAX_AUDIO_SECONDS),
+         "--ready-timeout", str(READY_TIMEOUT_S),
+         *extra_args],
+        log_path=log_path, env=env, cwd=ROOT)
     handle = ServerHandle(
-        grpc_url=f"127.0.0.1:{grpc_port}",
-        http_url=f"127.0.0.1:{http_port}",
-        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        grpc_url=launched.grpc_url,
+        http_url=launched.http_url,
+        metrics_url=launched.endpoints.metrics_url,
         checkpoint=str(checkpoint),
         max_audio_seconds=SERVER_MAX_AUDIO_SECONDS,
         max_batch_size=SERVER_MAX_BATCH_SIZE,
         log_path=log_path,
-        process=process,
+        process=launched.process,
+        launched=launched,
     )
     if wait:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _is_ready(handle.http_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_server(handle)
-                raise RuntimeError(f"parakeet-serve did not become ready (exit code {process.poll()}):\n{handle.log()[-6000:]}")
-            time.sleep(0.25)
+        launched.wait_ready(READY_TIMEOUT_S)
     return handle
 
 
 def stop_server(handle: ServerHandle, timeout: float = 30.0) -> int:
     """SIGTERM the launcher by PID (it stops tritonserver); SIGKILL if it does not exit in `timeout`."""
-    process = handle.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+    return handle.launched.stop(timeout)
 
 
 def _check_installed_from_this_checkout() -> None:

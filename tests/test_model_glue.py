@@ -6,17 +6,22 @@ check the same behaviour through a real tritonserver.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 
-from parakeet_triton import glue, protocol
+import parakeet_core
+from parakeet_triton import glue, protocol, render
 from parakeet_triton.render import RenderOptions, model_parameters
+from parakeet_triton.settings import BY_NAME, REPOSITORY_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
@@ -190,6 +195,80 @@ def test_cpu_threads_setting_parsed_and_checked():
     bad["parameters"]["cpu_threads"] = {"string_value": "two"}
     with pytest.raises(ValueError, match="parameter 'cpu_threads' must be an integer >= 1; got 'two'"):
         glue.StageSettings.from_args({"model_config": json.dumps(bad), "model_instance_kind": "CPU"})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        RenderOptions(checkpoint=str(CHECKPOINT), device="cpu"),
+        RenderOptions(checkpoint="some/hf-repo", device="cuda", instance_kind="KIND_CPU", cpu_threads=3,
+                      max_audio_seconds=90, attention="FULL", full_attention_max_seconds=30),
+        RenderOptions(checkpoint="some/hf-repo", device="auto", attention="128", execution_env_path="/opt/env"),
+    ],
+)
+def test_rendered_parameters_read_back_as_rendered(options):
+    """Round trip over the settings table: what render.model_parameters writes, glue.read_parameters reads back
+    as the same values, for every setting the glue reads, in every composing model."""
+    for model in render.COMPOSING_MODELS:
+        expected = {}
+        for setting in REPOSITORY_SETTINGS:
+            parameter = setting.parameter
+            if parameter and parameter.read_by_glue and model in parameter.models:
+                value = getattr(options, parameter.source or setting.name)
+                if value is not None:
+                    expected[setting.name] = value.lower() if setting.name == "attention" else value
+        read = glue.read_parameters(model_parameters(options, model), model)
+        assert read == expected and read["checkpoint"] == options.resolved_checkpoint
+        fields = {field.name for field in dataclasses.fields(glue.StageSettings)}
+        assert set(read) - {"device"} <= fields  # every value read has its StageSettings field
+        if options.device == "cpu":  # resolving `device` needs no GPU here
+            settings = glue.StageSettings.from_args(args_for(model, options))
+            assert {name: getattr(settings, name) for name in set(read) - {"device"}} == {
+                name: value for name, value in read.items() if name != "device"}
+
+
+def test_stage_settings_defaults_are_the_tables():
+    for name in ("cpu_threads", "attention", "full_attention_max_seconds"):
+        assert getattr(glue.StageSettings, name) == BY_NAME[name].default
+
+
+@pytest.mark.parametrize(
+    "key, text, message",
+    [
+        (protocol.DEVICE_PARAMETER, "tpu", "model 'encoder': parameter 'device' must be one of auto, cpu, cuda; got 'tpu'"),
+        (protocol.MAX_AUDIO_SECONDS_PARAMETER, "long", "parameter 'max_audio_seconds' must be a number > 0; got 'long'"),
+        (protocol.MAX_AUDIO_SECONDS_PARAMETER, "-1", "parameter 'max_audio_seconds' must be a number > 0; got '-1'"),
+        (protocol.ATTENTION_PARAMETER, "64,32", "parameters 'attention' / 'full_attention_max_seconds': "),
+    ],
+)
+def test_bad_parameters_are_named_with_their_model(key, text, message):
+    config = json.loads(args_for(protocol.ENCODER_MODEL)["model_config"])
+    config["parameters"][key] = {"string_value": text}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        glue.StageSettings.from_args({"model_config": json.dumps(config), "model_instance_kind": "CPU"})
+
+
+def test_initialize_refuses_a_checkpoint_at_another_sample_rate(monkeypatch):
+    class EightKilohertz:
+        config = SimpleNamespace(sample_rate=8000)
+
+    monkeypatch.setattr(glue, "load_model", lambda *args, **kwargs: EightKilohertz())
+    cls = type("TritonPythonModel", (glue.PreprocessorGlue,), {"pb_utils": MockPbUtils})
+    with pytest.raises(ValueError, match=r"expects 8000 Hz audio, but this server takes 16000 Hz") as raised:
+        cls().initialize(args_for(protocol.PREPROCESSOR_MODEL))
+    assert "model 'preprocessor'" in str(raised.value) and str(CHECKPOINT) in str(raised.value)
+
+
+def test_stages_chain_up():
+    """Each stage's outputs are the next stage's inputs, along the same time axis; only the entry admits."""
+    preprocessor, encoder, decoder = (glue.PreprocessorGlue.stage, glue.EncoderGlue.stage, glue.DecoderGlue.stage)
+    assert preprocessor.inputs == (protocol.WAV, protocol.WAV_LENS)
+    for upstream, downstream in ((preprocessor, encoder), (encoder, decoder)):
+        assert upstream.outputs.names == downstream.inputs
+        assert upstream.outputs.time_dim == downstream.time_dim
+    assert decoder.outputs is glue.transcript_outputs
+    assert [stage.name for stage in (preprocessor, encoder, decoder)] == list(parakeet_core.STAGES)
+    assert [stage.admits for stage in (preprocessor, encoder, decoder)] == [True, False, False]
 
 
 def test_initialize_applies_cpu_threads():
@@ -468,3 +547,96 @@ def test_model_files_are_thin_subclasses():
         finally:
             del sys.modules["triton_python_backend_utils"]
         assert issubclass(module.TritonPythonModel, getattr(glue, cls))
+
+
+# ------------------------------------------------------------------------------------------ streaming glue
+
+
+class MockSequenceRequest(dict):
+    """A request of the streaming model: inputs by name, and the sequence id Triton's Python backend reports."""
+
+    def __init__(self, sequence_id, *, start=False, end=False, wav=None, wav_lens=None):
+        super().__init__(request(WAV=wav, WAV_LENS=wav_lens, START=np.array([[int(start)]], np.int32),
+                                 END=np.array([[int(end)]], np.int32)))
+        self._sequence_id = sequence_id
+
+    def correlation_id(self):
+        return self._sequence_id
+
+
+def streaming_glue(idle_seconds=60.0, contexts=(2.0, 0.5, 0.5)):
+    options = RenderOptions(checkpoint=str(CHECKPOINT), device="cpu", streaming=True, streaming_contexts=contexts)
+    args = args_for(protocol.STREAMING_MODEL, options)
+    config = json.loads(args["model_config"])
+    config["sequence_batching"] = {"max_sequence_idle_microseconds": str(int(idle_seconds * 1e6))}
+    args["model_config"] = json.dumps(config)
+    cls = type("TritonPythonModel", (glue.StreamingGlue,), {"pb_utils": MockPbUtils})
+    instance = cls()
+    instance.initialize(args)
+    return instance
+
+
+def piece_request(sequence_id, piece, **flags):
+    return MockSequenceRequest(sequence_id, wav=piece.reshape(1, -1).astype(np.float32), **flags)
+
+
+def test_streaming_glue_batches_streams_and_equals_in_process(clips, reference):
+    model = streaming_glue()
+    streams = {7: clips["speech_en"], "talk": clips["speech_de"]}
+    pieces = {key: [s[i:i + 6000] for i in range(0, len(s), 6000)] for key, s in streams.items()}
+    rounds = max(len(p) for p in pieces.values()) + 1
+    pieces = {key: p + [p[0][:0]] * (rounds - len(p)) for key, p in pieces.items()}  # empty pieces after the audio
+    answers = {key: [] for key in streams}
+    for index in range(rounds):
+        batch = [piece_request(key, p[index], start=index == 0, end=index == rounds - 1) for key, p in pieces.items()]
+        for key, response in zip(pieces, model.execute(batch)):
+            assert response.error is None
+            assert response.outputs[protocol.TRANSCRIPTS].shape == (1,)
+            answers[key].append((response.outputs[protocol.TRANSCRIPTS][0].decode(),
+                                 response.outputs[protocol.TIMESTAMPS][0].decode()))
+    for key, samples in streams.items():
+        session = reference.stream(left_seconds=2.0, chunk_seconds=0.5, right_seconds=0.5)
+        texts = [session.feed(p).text for p in pieces[key]]
+        transcript = session.finish()
+        assert [text for text, _ in answers[key][:-1]] == texts[:-1]
+        assert answers[key][-1][0] == transcript.text
+        final = json.loads(answers[key][-1][1])
+        assert final["token_ids"] == transcript.token_ids and final["words"] == transcript.timestamps_dict()["words"]
+    assert model.streams == {}  # END freed both
+
+
+def test_streaming_glue_refuses_bad_pieces_and_unknown_streams_alone(clips):
+    model = streaming_glue()
+    good = clips["speech_en"][:8000]
+    bad = good.copy()
+    bad[5] = np.inf
+    responses = model.execute([piece_request(1, good, start=True), piece_request(2, bad, start=True),
+                               piece_request(3, good), MockSequenceRequest(4, start=True),
+                               piece_request(0, good, start=True)])
+    errors = [r.error.message() if r.error else None for r in responses]
+    assert errors[0] is None and errors[1] == "parakeet_streaming: WAV: samples contain NaN or infinity"
+    assert "sequence 3 is not open here" in errors[2] and "sequence_start" in errors[2]
+    assert errors[3] == f"parakeet_streaming: input {protocol.WAV} is missing"
+    assert "no sequence id" in errors[4]
+    assert responses[1].error.code == MockError.INVALID_ARG
+    assert set(model.streams) == {1, 2, 4}  # a refused piece leaves its stream open and unchanged
+    assert model.execute([piece_request(2, good)])[0].error is None
+    wrong = model.execute([MockSequenceRequest(1, wav=np.zeros((1, 4), np.float32),
+                                               wav_lens=np.array([[9]], np.int32))])[0]
+    assert "WAV_LENS = 9 is outside 0..4" in wrong.error.message()
+
+
+def test_streaming_glue_drops_idle_streams(clips, monkeypatch):
+    model = streaming_glue(idle_seconds=5.0)
+    now = [1000.0]
+    monkeypatch.setattr(glue.time, "monotonic", lambda: now[0])
+    piece = clips["speech_en"][:4000]
+    model.execute([piece_request(1, piece, start=True), piece_request(2, piece, start=True)])
+    now[0] += 4.0
+    model.execute([piece_request(2, piece)])
+    now[0] += 2.0  # stream 1: 6 s idle, stream 2: 2 s
+    MockLogger.lines.clear()
+    assert model.execute([piece_request(2, piece)])[0].error is None
+    assert set(model.streams) == {2}
+    assert ("info", "parakeet_streaming_0_0: dropped 1 idle stream(s) (1): no request for 5 s") in MockLogger.lines
+    assert "dropped after 5 s without a request" in model.execute([piece_request(1, piece)])[0].error.message()

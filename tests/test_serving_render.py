@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import sysconfig
@@ -13,6 +14,7 @@ from parakeet_triton import protocol, serve
 from parakeet_triton.render import (ALL_MODELS, COMPOSING_MODELS, RenderOptions, render_config, render_repository,
                                     usable_cpus)
 from parakeet_triton.server import Endpoints, find_tritonserver, stub_environment, tritonserver_command
+from parakeet_triton.settings import BY_NAME, REPOSITORY_SETTINGS, SETTINGS, Setting
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -248,3 +250,181 @@ def test_cpu_threads_rendered_into_every_composing_model():
     options = RenderOptions(checkpoint="x", device="cpu", cpu_threads=1)
     for model in COMPOSING_MODELS:
         assert params(parsed(options, model))["cpu_threads"] == "1"
+
+
+# ------------------------------------------------------------------------------------------ settings table
+
+
+def example_text(setting: Setting, index: int) -> str:
+    """A valid, non-default value of `setting` as a flag or variable would give it (index 0 and 1 differ)."""
+    if setting.choices:
+        return [choice for choice in setting.choices if choice != setting.default][index]
+    if setting.name == "attention":
+        return ["full", "128"][index]
+    if setting.name == "streaming_model_name":
+        return f"live{index}"
+    if setting.name == "streaming_model_aliases":
+        return f"live_alias{index},live_other{index}"
+    if setting.name == "streaming_contexts":
+        return ["4,1,1", "8,2,0.5"][index]
+    if setting.type.__name__ == "switch":
+        return ["on", "1"][index]
+    kind = setting.type.__name__
+    if kind == "int":
+        return str((setting.default or 0) + 2 + index)
+    if kind == "float":
+        return str((setting.default or 0.0) + 1.5 + index)
+    if kind == "names":
+        return f"alias{index},other{index}"
+    return f"value{index}"
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("PARAKEET_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_every_setting_is_a_flag_and_a_variable_and_the_flag_wins(clean_environment):
+    for setting in SETTINGS:
+        assert setting.flag == "--" + setting.name.replace("_", "-")
+        if setting.env is not None:
+            assert setting.env == "PARAKEET_" + setting.name.upper()
+            clean_environment.setenv(setting.env, example_text(setting, 0))
+    from_env = serve.build_parser().parse_args([])
+    flags = [part for s in SETTINGS for part in (s.flag, example_text(s, 1))]
+    from_flags = serve.build_parser().parse_args(flags)
+    for setting in SETTINGS:
+        if setting.env is not None:
+            assert getattr(from_env, setting.name) == setting.parse(example_text(setting, 0)) != setting.default
+        assert getattr(from_flags, setting.name) == setting.parse(example_text(setting, 1)) != setting.default
+    for args, index in ((from_env, 0), (from_flags, 1)):  # every model-repository setting reaches RenderOptions
+        options = serve.render_options(args)
+        for setting in REPOSITORY_SETTINGS:
+            assert getattr(options, setting.name) == setting.parse(example_text(setting, index))
+    assert serve.build_parser().parse_args(["--log-verbose"]).log_verbose == 1
+
+
+def test_defaults_come_from_the_table_only(clean_environment):
+    import parakeet_core
+    from parakeet_core.attention import DEFAULT_FULL_ATTENTION_MAX_SECONDS
+
+    parsed = vars(serve.build_parser().parse_args([]))
+    assert parsed == {setting.name: setting.default for setting in SETTINGS}
+    options = RenderOptions()
+    assert [field.name for field in dataclasses.fields(RenderOptions)] == [s.name for s in REPOSITORY_SETTINGS]
+    assert all(getattr(options, s.name) == s.default for s in REPOSITORY_SETTINGS)
+    assert serve.render_options(serve.build_parser().parse_args([])) == options
+    # the constants owned elsewhere are imported, not repeated
+    assert BY_NAME["checkpoint"].default is parakeet_core.DEFAULT_CHECKPOINT
+    assert BY_NAME["full_attention_max_seconds"].default is DEFAULT_FULL_ATTENTION_MAX_SECONDS
+    assert BY_NAME["max_audio_seconds"].default is protocol.DEFAULT_MAX_AUDIO_SECONDS
+    package = ROOT / "parakeet_triton"
+    assert not [p.name for p in package.glob("*.py") if parakeet_core.DEFAULT_CHECKPOINT in p.read_text()]
+
+
+def test_help_states_each_variable_and_default(clean_environment):
+    clean_environment.setenv("COLUMNS", "10000")  # no wrapping (argparse also breaks lines at hyphens)
+    text = serve.build_parser().format_help()
+    for setting in SETTINGS:
+        assert setting.flag in text
+        if setting.env is not None:
+            assert f"(env {setting.env}; default: {setting.default_text})" in text
+
+
+@pytest.mark.parametrize(
+    "env, value, message",
+    [
+        ("PARAKEET_INSTANCES", "two", "PARAKEET_INSTANCES must be an integer >= 1; got 'two'"),
+        ("PARAKEET_INSTANCES", "0", "PARAKEET_INSTANCES must be an integer >= 1; got '0'"),
+        ("PARAKEET_DEVICE", "tpu", "PARAKEET_DEVICE must be one of auto, cpu, cuda; got 'tpu'"),
+        ("PARAKEET_MAX_AUDIO_SECONDS", "long", "PARAKEET_MAX_AUDIO_SECONDS must be a number > 0; got 'long'"),
+        ("PARAKEET_HTTP_PORT", "", "PARAKEET_HTTP_PORT must be an integer; got ''"),
+    ],
+)
+def test_a_variable_that_does_not_parse_is_a_usage_error_naming_it(clean_environment, capsys, env, value, message):
+    clean_environment.setenv(env, value)
+    with pytest.raises(SystemExit) as exited:
+        serve.main(["--render-only", "/tmp/unused"])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_blank_variables_leave_optional_settings_unset_and_empty_aliases_mean_none(clean_environment):
+    for name in ("PARAKEET_CPU_THREADS", "PARAKEET_MAX_REQUEST_MB", "PARAKEET_LOG_FILE", "PARAKEET_MODEL_ALIASES"):
+        clean_environment.setenv(name, "")
+    args = serve.build_parser().parse_args([])
+    assert args.cpu_threads is None and args.max_request_mb is None and args.log_file is None
+    assert args.model_aliases == () and serve.render_options(args).public_models == (protocol.ENSEMBLE_MODEL,)
+
+
+def test_rendered_parameters_follow_the_table():
+    """Each model gets exactly the parameters the table assigns it, under the protocol.py keys."""
+    options = RenderOptions(checkpoint="x", device="cpu", cpu_threads=2, execution_env_path="/opt/env")
+    for model in ALL_MODELS:
+        expected = {s.parameter.key for s in REPOSITORY_SETTINGS if s.parameter and model in s.parameter.models}
+        assert set(params(parsed(options, model))) == expected
+    assert set(params(parsed(options, protocol.ENSEMBLE_MODEL))) == {protocol.MAX_AUDIO_SECONDS_PARAMETER}
+    keys = {name: value for name, value in vars(protocol).items() if name.endswith("_PARAMETER")}
+    assert {s.parameter.key for s in SETTINGS if s.parameter} == set(keys.values())
+
+
+def test_docs_list_every_option_and_parameter():
+    text = (ROOT / "docs" / "serving.md").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.flag}" in text, setting.flag
+        if setting.env is not None:
+            assert f"`{setting.env}`" in text, setting.env
+        if setting.parameter is not None:
+            assert f"`{setting.parameter.key}`" in text, setting.parameter.key
+
+
+# ------------------------------------------------------------------------------------------- streaming model
+
+
+def test_streaming_model_is_rendered_only_when_on(tmp_path):
+    off = render_repository(RenderOptions(checkpoint=str(CHECKPOINT), device="cpu"), tmp_path / "off")
+    assert sorted(p.name for p in off.iterdir() if p.is_dir()) == sorted(COMPOSING_MODELS + ("parakeet", "transducer"))
+    options = RenderOptions(checkpoint=str(CHECKPOINT), device="cpu", streaming=True, streaming_contexts=(4, 1, 0.5),
+                            streaming_idle_timeout_s=2.5, streaming_max_streams=8, streaming_model_name="live",
+                            streaming_model_aliases=("streaming_wenet",))
+    on = render_repository(options, tmp_path / "on")
+    assert (on / "live" / "1" / "model.py").read_text() == (ROOT / "model_repository" / protocol.STREAMING_MODEL / "1" /
+                                                            "model.py").read_text()
+    config = parsed(options, "live")
+    assert config.backend == "python" and config.max_batch_size == options.max_batch_size
+    batching = config.sequence_batching
+    assert batching.max_sequence_idle_microseconds == 2_500_000
+    assert batching.oldest.max_candidate_sequences == 8 and list(batching.oldest.preferred_batch_size) == [16]
+    assert {c.name: c.control[0].kind for c in batching.control_input} == {
+        "START": model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START,
+        "END": model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END}
+    assert [i.name for i in config.input] == ["WAV", "WAV_LENS"] and config.input[1].optional
+    assert [o.name for o in config.output] == ["TRANSCRIPTS", "TIMESTAMPS"]
+    assert params(config) == {"checkpoint": str(CHECKPOINT), "device": "cpu", "FORCE_CPU_ONLY_INPUT_TENSORS": "yes",
+                              "max_audio_seconds": "10800.0", "cpu_threads": str(options.stage_cpu_threads),
+                              "streaming_contexts": "4,1,0.5"}
+    alias = parsed(options, "streaming_wenet")
+    assert alias.platform == "ensemble" and [s.model_name for s in alias.ensemble_scheduling.step] == ["live"]
+    assert not (on / "streaming_wenet" / "1" / "model.py").exists()
+
+
+def test_streaming_names_must_not_clash_and_contexts_are_checked():
+    with pytest.raises(ValueError, match="'transducer' is given twice"):
+        RenderOptions(checkpoint="x", streaming=True, streaming_model_aliases=("transducer",))
+    with pytest.raises(ValueError, match="name of a composing model"):
+        RenderOptions(checkpoint="x", streaming=True, streaming_model_name="encoder")
+    RenderOptions(checkpoint="x", streaming=False, streaming_model_aliases=("transducer",))  # not served: no clash
+    with pytest.raises(ValueError, match="streaming_contexts must be three numbers"):
+        RenderOptions(checkpoint="x", streaming=True, streaming_contexts=(10, 0, 2))
+    assert serve.build_parser().parse_args(["--streaming"]).streaming is True
+    assert serve.build_parser().parse_args(["--streaming", "off"]).streaming is False
+    assert serve.build_parser().parse_args(["--streaming-contexts", "10,10,5"]).streaming_contexts == (10, 10, 5)
+
+
+def test_streaming_shares_the_cores(monkeypatch):
+    from parakeet_triton import render
+
+    monkeypatch.setattr(render, "usable_cpus", lambda: 16)
+    assert RenderOptions(checkpoint="x", device="cpu", streaming=True).stage_cpu_threads == 4
