@@ -30,9 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from benchmarks.soak import DEFAULT_CHECKPOINT, _speech_like, start_serve, wait_ready  # noqa: E402
-from client.client import ParakeetClient  # noqa: E402
-from client.retry import NO_RETRY  # noqa: E402
+from benchmarks.soak import DEFAULT_CHECKPOINT, _speech_like, start_serve  # noqa: E402
+from parakeet_client import ParakeetClient, RetryPolicy  # noqa: E402
 from parakeet_triton.render import usable_cpus  # noqa: E402
 
 TARGET_RATIO = 1.5
@@ -83,11 +82,11 @@ def throughput(client: ParakeetClient, clip, requests: int, concurrency: int) ->
 
 def measure(setting: Setting, args: argparse.Namespace, clip, core: int) -> dict[str, float]:
     log_dir = Path(tempfile.mkdtemp(prefix="contention-"))
-    server, grpc_url = start_serve(args.checkpoint, list(setting.serve_args), log_dir / "server.log", dict(setting.env))
+    server = start_serve(args.checkpoint, list(setting.serve_args), log_dir / "server.log", dict(setting.env))
     results = {}
     try:
-        with ParakeetClient(grpc_url, timeout=300, retry=NO_RETRY) as client:
-            wait_ready(client, server, log_dir / "server.log")
+        server.wait_ready(600)
+        with ParakeetClient(server.grpc_url, timeout=300, retry=RetryPolicy(attempts=1)) as client:
             throughput(client, clip, 4, 1)  # warm-up
             for scenario in ("idle", "busy neighbour"):
                 for concurrency in args.concurrency:
@@ -99,8 +98,7 @@ def measure(setting: Setting, args: argparse.Namespace, clip, core: int) -> dict
                     results[f"{scenario}, c{concurrency}"] = rate
                     print(f"  {setting.name}: {scenario}, c{concurrency}: {rate:.2f} req/s", file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        server.wait(120)
+        server.stop(120)
         shutil.rmtree(log_dir, ignore_errors=True)
     return results
 

@@ -37,10 +37,10 @@ def edit_distance(a: list[int], b: list[int]) -> int:
     return previous[-1]
 
 
-def single(model, samples):
+def single(model, samples, loop="auto"):
     waveform = torch.from_numpy(samples)[None]
     encoded, lengths = model.encode(*model.featurize(waveform, torch.tensor([len(samples)])))
-    return model.decode(encoded, lengths)[0]
+    return model.decode(encoded, lengths, loop=loop)[0]
 
 
 def parity(dtypes=(("fp32", torch.float32), ("bf16", torch.bfloat16))) -> dict:
@@ -55,9 +55,7 @@ def parity(dtypes=(("fp32", torch.float32), ("bf16", torch.bfloat16))) -> dict:
             for clip, expected in fixture.reference["clips"].items():
                 samples = fixture.clip_samples(clip)
                 graphed = single(model, samples)
-                model.decoder.use_cuda_graph = False
-                eager = single(model, samples)
-                model.decoder.use_cuda_graph = True
+                eager = single(model, samples, loop="fixed_shape")
                 rows[clip] = {
                     "tokens_equal_nemo": graphed.token_ids == expected["tokens"],
                     "frames_equal_nemo": graphed.token_frames == expected["frames"],
@@ -112,9 +110,7 @@ def timings(seconds: float = 12.0, repeats: int = 20, batches=(1, 4, 16, 64)) ->
         "decode (CUDA graph)": timed(lambda: model.decode(encoded, encoded_lengths), repeats),
         "end to end": timed(lambda: model.transcribe_waveforms([samples]), repeats),
     }
-    model.decoder.use_cuda_graph = False
-    stage["decode (eager)"] = timed(lambda: model.decode(encoded, encoded_lengths), repeats)
-    model.decoder.use_cuda_graph = True
+    stage["decode (eager)"] = timed(lambda: model.decode(encoded, encoded_lengths, loop="fixed_shape"), repeats)
     full = synthetic.speech(44.0)
     batched = {}
     for batch in batches:
@@ -125,9 +121,7 @@ def timings(seconds: float = 12.0, repeats: int = 20, batches=(1, 4, 16, 64)) ->
     encoded64, lengths64 = model.encode(*model.featurize(
         torch.from_numpy(samples)[None].repeat(batches[-1], 1), torch.full((batches[-1],), len(samples))))
     graph64 = statistics.median(timed(lambda: model.decode(encoded64, lengths64), 5))
-    model.decoder.use_cuda_graph = False
-    eager64 = statistics.median(timed(lambda: model.decode(encoded64, lengths64), 3))
-    model.decoder.use_cuda_graph = True
+    eager64 = statistics.median(timed(lambda: model.decode(encoded64, lengths64, loop="fixed_shape"), 3))
     return {
         "model": {k: v for k, v in info.items() if k in ("blank_bias", "tokens_per_frame", "parameters")},
         "clip_seconds": seconds,

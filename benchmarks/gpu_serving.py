@@ -1,8 +1,8 @@
 """Triton end to end on a GPU: the `parakeet` ensemble (KIND_GPU, bf16) against in-process parakeet_core.
 
 Builds the synthetic full-size v3 model (random weights, ~0.4 tokens per frame), writes it as a `.nemo`, serves it
-with `parakeet-serve --device cuda` on loopback ports, and drives the ensemble over HTTP with N concurrent
-clients sending 12 s clips (each client one request at a time, for --seconds per level). Prints requests/s,
+with `parakeet-serve --device cuda` on loopback ports, and drives the ensemble over gRPC (`ParakeetClient`) with N
+concurrent clients sending 12 s clips (each client one request at a time, for --seconds per level). Prints requests/s,
 RTFx, latency percentiles and the encoder's mean executed batch size per concurrency, beside in-process
 single-stream and batched timings of the same model on the same GPU.
 
@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import http.client
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,66 +30,39 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import parakeet_core  # noqa: E402
 import synthetic  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+from parakeet_client import ParakeetClient  # noqa: E402
 from parakeet_triton import protocol  # noqa: E402
-from parakeet_triton.server import free_loopback_ports  # noqa: E402
+from parakeet_triton.server import LaunchedServer  # noqa: E402
 
 
-def request_body(samples: np.ndarray) -> bytes:
-    return json.dumps({
-        "inputs": [
-            {"name": protocol.WAV, "shape": [1, len(samples)], "datatype": "FP32", "data": samples.tolist()},
-            {"name": protocol.WAV_LENS, "shape": [1, 1], "datatype": "INT32", "data": [len(samples)]},
-        ],
-        "outputs": [{"name": protocol.TRANSCRIPTS}],
-    }).encode()
-
-
-class HttpClient:
-    def __init__(self, port: int):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-
-    def infer(self, body: bytes) -> dict:
-        self.connection.request("POST", f"/v2/models/{protocol.ENSEMBLE_MODEL}/infer", body,
-                                {"Content-Type": "application/json"})
-        response = self.connection.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {payload[:300]!r}")
-        return json.loads(payload)
-
-    def get(self, path: str) -> dict:
-        self.connection.request("GET", path)
-        response = self.connection.getresponse()
-        return json.loads(response.read())
-
-
-def encoder_batches(port: int) -> tuple[int, int]:
+def encoder_batches(statistics_client) -> tuple[int, int]:
     """(executions, inferences) of the encoder so far, from Triton's statistics."""
-    stats = HttpClient(port).get(f"/v2/models/{protocol.ENCODER_MODEL}/stats")["model_stats"][0]
-    return int(stats["execution_count"]), int(stats["inference_count"])
+    stats = statistics_client.get_inference_statistics(protocol.ENCODER_MODEL, as_json=True)["model_stats"][0]
+    return int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))
 
 
-def sweep(port: int, bodies: list[bytes], clip_seconds: float, concurrency: int, seconds: float) -> dict:
+def sweep(client: ParakeetClient, statistics_client, clips: list[np.ndarray], clip_seconds: float,
+          concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
-    before = encoder_batches(port)
+    before = encoder_batches(statistics_client)
 
-    def client(index: int) -> None:
-        connection = HttpClient(port)
+    def one_client(index: int) -> None:
         n = index
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            connection.infer(bodies[n % len(bodies)])
+            client.transcribe(clips[n % len(clips)])
             with lock:
                 latencies.append(time.perf_counter() - start)
             n += concurrency
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, range(concurrency)))
+        list(pool.map(one_client, range(concurrency)))
     elapsed = time.perf_counter() - started
-    after = encoder_batches(port)
+    after = encoder_batches(statistics_client)
     executions, inferences = after[0] - before[0], after[1] - before[1]
     latencies.sort()
 
@@ -151,50 +122,36 @@ def main() -> int:
     long_speech = synthetic.speech(44.0)
     size = int(args.clip_seconds * 16000)
     clips = [long_speech[offset : offset + size] for offset in range(0, len(long_speech) - size, 16000)]
-    bodies = [request_body(c) for c in clips]
     local = in_process(model, clips, args.clip_seconds, device)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    log = open(scratch / "server.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(checkpoint), "--device", device,
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-         "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-us", str(args.queue_delay_us),
-         "--max-audio-seconds", "60"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+    server = LaunchedServer.start(
+        checkpoint, ["--device", device, "--max-batch-size", str(args.max_batch_size),
+                     "--max-queue-delay-us", str(args.queue_delay_us), "--max-audio-seconds", "60"],
+        log_path=scratch / "server.log", cwd=REPO)
     results = []
     try:
         started = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                print((scratch / "server.log").read_text()[-3000:])
-                return 1
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=2)
-                connection.request("GET", "/v2/health/ready")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
+        server.wait_ready(1800)
         print(f"server ready in {time.perf_counter() - started:.0f} s", flush=True)
-        HttpClient(http_port).infer(bodies[0])
-        for concurrency in args.concurrency:
-            results.append(sweep(http_port, bodies, args.clip_seconds, concurrency, args.seconds))
-            print(json.dumps(results[-1]), flush=True)
+        statistics_client = grpcclient.InferenceServerClient(server.grpc_url)
+        with ParakeetClient(server.grpc_url, timeout=300) as client:
+            client.transcribe(clips[0])
+            for concurrency in args.concurrency:
+                results.append(sweep(client, statistics_client, clips, args.clip_seconds, concurrency, args.seconds))
+                print(json.dumps(results[-1]), flush=True)
+        statistics_client.close()
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop(60)
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
               "model": {k: info[k] for k in ("parameters", "tokens_per_frame")}, "clip_seconds": args.clip_seconds,
               "in_process": local, "served": results}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_serving.json").write_text(json.dumps(report, indent=1))
-    print(f"\n## Triton ensemble over HTTP/JSON, {report['device']}, bf16 KIND_GPU, {args.clip_seconds:.0f} s clips, "
+    print(f"\n## Triton ensemble over gRPC, {report['device']}, bf16 KIND_GPU, {args.clip_seconds:.0f} s clips, "
           f"max batch {args.max_batch_size}, queue delay {args.queue_delay_us} us\n")
     print("| concurrency | requests/s | RTFx | p50 ms | p95 ms | p99 ms | mean encoder batch |")
     print("|---|---|---|---|---|---|---|")

@@ -104,26 +104,16 @@ def run_in_process(checkpoint: str, seconds: float, threads: int) -> dict:
 
 
 def run_served(checkpoint: str, seconds: float, threads: int, scratch: Path) -> dict:
-    from parakeet_triton.server import free_loopback_ports
+    from parakeet_client import ParakeetClient
+    from parakeet_triton.server import LaunchedServer
 
-    from client.client import ParakeetClient
-
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    log_path = scratch / f"server-{seconds:.0f}s.log"
-    command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", checkpoint, "--device", "cpu",
-               "--cpu-threads", str(threads), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-               "--metrics-port", str(metrics_port), "--max-audio-seconds", str(max(10800.0, seconds))]
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+    server = LaunchedServer.start(checkpoint, ["--device", "cpu", "--cpu-threads", str(threads),
+                                               "--max-audio-seconds", str(max(10800.0, seconds))],
+                                  log_path=scratch / f"server-{seconds:.0f}s.log", cwd=REPO)
     try:
         started = time.perf_counter()
-        with ParakeetClient(f"127.0.0.1:{grpc_port}", timeout=4 * 3600) as client:
-            while not client.is_ready():
-                if server.poll() is not None:
-                    raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-                if time.perf_counter() - started > 1800:
-                    raise RuntimeError("server not ready after 30 minutes")
-                time.sleep(1)
+        server.wait_ready(1800)
+        with ParakeetClient(server.grpc_url, timeout=4 * 3600) as client:
             client.transcribe(speech_like(WARMUP_SECONDS))
             ready = time.perf_counter() - started
             processes = [server.pid, *_descendants(server.pid)]
@@ -135,8 +125,7 @@ def run_served(checkpoint: str, seconds: float, threads: int, scratch: Path) -> 
             processes = [server.pid, *_descendants(server.pid)]
             peak = sum(_kib_field(pid, "VmHWM") for pid in processes)
     finally:
-        server.terminate()
-        server.wait(120)
+        server.stop(120)
     return {"wall_s": wall, "ready_s": ready, **_text_summary(transcript.text), "processes": len(processes),
             "rss_ready_gib": rss_ready / 2**20, "peak_rss_gib": peak / 2**20}
 

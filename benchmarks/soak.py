@@ -18,9 +18,7 @@ import argparse
 import concurrent.futures
 import importlib.util
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,9 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from client.client import ParakeetClient  # noqa: E402
-from client.retry import NO_RETRY  # noqa: E402
-from parakeet_triton.server import ALLOCATORS, DEFAULT_ALLOCATOR, free_loopback_ports  # noqa: E402
+from parakeet_client import ParakeetClient, RetryPolicy  # noqa: E402
+from parakeet_triton.server import ALLOCATORS, DEFAULT_ALLOCATOR, LaunchedServer  # noqa: E402
 from parakeet_triton.watchdog import backend_stubs  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
@@ -71,32 +68,15 @@ def memory_sample(launcher_pid: int, done: int) -> dict:
 
 
 def start_serve(checkpoint: Path, serve_args: list[str], log_path: Path,
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`parakeet-serve` on free loopback ports, CPU, in the caller's environment less its PARAKEET_* and OMP_* variables
-    (the server chooses its own), plus `env`; (process, gRPC url)."""
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", str(checkpoint), "--device", "cpu",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-               *serve_args]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PARAKEET_", "OMP_"))} | (env or {})
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean, cwd=str(REPO))
-    return server, f"127.0.0.1:{grpc_port}"
-
-
-def wait_ready(client: ParakeetClient, server: subprocess.Popen, log_path: Path, timeout: float = 600) -> None:
-    """Until the server is ready; SystemExit with its log's tail should it exit or time out first."""
-    deadline = time.monotonic() + timeout
-    while not client.is_ready():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+                env: dict[str, str] | None = None) -> LaunchedServer:
+    """`parakeet-serve` on free loopback ports, CPU (the server picks its own threads unless `env` says)."""
+    return LaunchedServer.start(checkpoint, ["--device", "cpu", *serve_args], log_path=log_path, env=env, cwd=REPO)
 
 
 def run(args: argparse.Namespace) -> dict:
     log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
-    server, grpc_url = start_serve(args.checkpoint, ["--max-audio-seconds", str(max(60.0, args.max_seconds + 1)),
-                                                     "--malloc", args.malloc, *args.serve_args], log_path)
+    server = start_serve(args.checkpoint, ["--max-audio-seconds", str(max(60.0, args.max_seconds + 1)),
+                                           "--malloc", args.malloc, *args.serve_args], log_path)
     audio = _speech_like(args.max_seconds * 4)
     rng = random.Random(args.seed)
     plans = []
@@ -109,8 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     lock = threading.Lock()
     done = 0
     try:
-        with ParakeetClient(grpc_url, timeout=120, retry=NO_RETRY) as client:
-            wait_ready(client, server, log_path)
+        server.wait_ready(600)
+        with ParakeetClient(server.grpc_url, timeout=120, retry=RetryPolicy(attempts=1)) as client:
             samples.append(memory_sample(server.pid, 0))
             started = time.monotonic()
 
@@ -133,8 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             if samples[-1]["requests"] != done:
                 samples.append(memory_sample(server.pid, done))
     finally:
-        server.terminate()
-        server.wait(120)
+        server.stop(120)
     baseline = next((s for s in samples if s["requests"] >= args.baseline), samples[0])
     final = samples[-1]
     growth = (final["total_mib"] - baseline["total_mib"]) / baseline["total_mib"] if baseline["total_mib"] else 0.0

@@ -5,10 +5,14 @@ links against `libb64.so.0d` and `libcudart.so.12`, which the wheel does not bri
 (explicit path, PATH, or the tritonclient wheel) and, for each library the dynamic loader cannot resolve, puts a
 symlink to a bundled copy (nvidia-pytriton's `nvidia_pytriton.libs`, or the nvidia-cuda-runtime wheel) in a
 private directory that goes on LD_LIBRARY_PATH for perf_analyzer alone.
+
+To run it by hand, `python -m benchmarks.loadtest.perf_analyzer --input-data FILE` makes those links (under
+`--lib-dir`, default ~/.cache/parakeet-triton) and prints the one-line command, ready to paste.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import importlib.metadata
@@ -16,8 +20,10 @@ import importlib.util
 import io
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +55,11 @@ class PerfAnalyzer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 part for part in (str(self.library_dir), env.get("LD_LIBRARY_PATH", "")) if part)
         return env
+
+    def command_line(self, arguments: Sequence[str]) -> str:
+        """The shell command that runs this perf_analyzer with `arguments` by hand, library path included."""
+        command = shlex.join([str(self.executable), *arguments])
+        return f"LD_LIBRARY_PATH={shlex.quote(str(self.library_dir))} {command}" if self.library_dir else command
 
     def version(self) -> str:
         """`Perf Analyzer Version 2.51.0 ...`; raises PerfAnalyzerError when the binary does not start."""
@@ -267,3 +278,48 @@ def parse_csv_report(text: str) -> list[PerfRow]:
     if not rows:
         raise PerfAnalyzerError(f"perf_analyzer CSV has no rows: {text[:200]!r}")
     return rows
+
+
+def manual_arguments(model: str, url: str, protocol: str, input_data: str | os.PathLike, concurrency: int,
+                     window_ms: int) -> list[str]:
+    """Arguments for a run by hand: like `command_arguments`, with the summary printed instead of a CSV file."""
+    arguments = command_arguments(model, url, protocol, input_data, "-", LoadSettings(concurrency, window_ms=window_ms))
+    at = arguments.index("-f")
+    return arguments[:at] + arguments[at + 2:]
+
+
+DEFAULT_LIB_DIR = Path.home() / ".cache" / "parakeet-triton"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.loadtest.perf_analyzer",
+        description="Make perf_analyzer runnable (link the libraries it lacks) and print the one-line command that "
+                    "load-tests the server with it.")
+    parser.add_argument("--input-data", required=True,
+                        help="perf_analyzer --input-data JSON (python -m benchmarks.loadtest.inputs writes one)")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="server address (default: %(default)s)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="(default: %(default)s)")
+    parser.add_argument("--model", default="parakeet", help="model to load (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: %(default)s)")
+    parser.add_argument("--window-ms", type=int, default=5000,
+                        help="length of each of the three measurement windows (default: %(default)s)")
+    parser.add_argument("--lib-dir", type=Path, default=DEFAULT_LIB_DIR,
+                        help="where the library links are kept (default: %(default)s)")
+    parser.add_argument("--perf-analyzer", default=None, help="the binary (default: PATH, else the tritonclient wheel's)")
+    args = parser.parse_args(argv)
+    try:
+        analyzer = locate(args.lib_dir, args.perf_analyzer)
+        version = analyzer.version().splitlines()[0]
+    except PerfAnalyzerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"# {version}; libraries linked: {', '.join(analyzer.linked) or 'none needed'}", file=sys.stderr)
+    input_data = Path(args.input_data).resolve()
+    print(analyzer.command_line(manual_arguments(args.model, args.url, args.protocol, input_data, args.concurrency,
+                                                 args.window_ms)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import numpy as np
 
 from parakeet_client import ParakeetClient
 from parakeet_triton.protocol import ENCODER_MODEL, ENSEMBLE_MODEL, WAV, WAV_LENS
+from parakeet_triton.server import LaunchedServer
 
 from . import in_process, perf_analyzer, report
 from .inputs import Clip, generate_speech, load_audio_clips, parse_durations, write_input_data
@@ -137,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "concurrency": args.concurrency,
     }
     _say(f"{meta['perf_analyzer']} at {analyzer.executable}; results in {out_dir}")
+    _say("by hand: python -m benchmarks.loadtest.perf_analyzer --input-data FILE.json prints the command line")
     model = None
     if checkpoint and not args.no_in_process:
         model = load_in_process(checkpoint, args.device)
@@ -146,10 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_code = 0
     try:
         if args.serve:
-            server = ServerProcess.start(args.serve, args.serve_arg, out_dir / "server.log",
-                                         max_seconds=max(c.seconds for s in clip_sets for c in s.clips),
-                                         env=parse_env(args.serve_env))
+            server = start_server(args.serve, args.serve_arg, out_dir / "server.log",
+                                  max_seconds=max(c.seconds for s in clip_sets for c in s.clips),
+                                  env=parse_env(args.serve_env))
             server.wait_ready(args.serve_timeout)
+            _say(f"server ready at {server.grpc_url}")
             url = server.grpc_url
         else:
             url = args.url
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_code = 1
     finally:
         if server is not None:
-            server.stop()
+            server.stop(60)
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write_results(out_dir / "results.json", served, local, meta)
     table = report.markdown_tables(served, local)
@@ -268,7 +269,7 @@ def run_level(analyzer: perf_analyzer.PerfAnalyzer, url: str, clip_set: ClipSet,
     before = encoder_counts(statistics_client)
     completed = analyzer.run(arguments, timeout_s=args.level_timeout or settings.time_limit_s())
     after = encoder_counts(statistics_client)
-    stem.with_suffix(".log").write_text(f"$ perf_analyzer {' '.join(arguments)}\n"
+    stem.with_suffix(".log").write_text(f"$ {analyzer.command_line(arguments)}\n"
                                         f"{completed.stdout}\n{completed.stderr}")
     if completed.returncode != 0:
         tail = (completed.stdout + completed.stderr).strip()[-1500:]
@@ -343,61 +344,15 @@ def is_loopback(url: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class ServerProcess:
-    """A `parakeet_triton.serve` child on free loopback ports, its output in a log file."""
-
-    def __init__(self, process: subprocess.Popen, grpc_url: str, log_path: Path):
-        self.process = process
-        self.grpc_url = grpc_url
-        self.log_path = log_path
-
-    @classmethod
-    def start(cls, checkpoint: str, extra_args: Sequence[str], log_path: Path, max_seconds: float,
-              env: dict[str, str] | None = None) -> "ServerProcess":
-        http_port, grpc_port, metrics_port = free_ports(3)
-        command = [sys.executable, "-m", "parakeet_triton.serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
-                   "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                   "--max-audio-seconds", f"{max(60.0, max_seconds + 1):g}", *extra_args]
-        env = env or {}
-        settings = "".join(f"{name}={shlex.quote(value)} " for name, value in env.items())
-        _say(f"starting server: {settings}{' '.join(shlex.quote(c) for c in command)} (log {log_path})")
-        log = open(log_path, "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, **env})
-        log.close()
-        return cls(process, f"127.0.0.1:{grpc_port}", log_path)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        with ParakeetClient(self.grpc_url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited with code {self.process.returncode}; see {self.log_path}")
-                if client.is_ready():
-                    _say(f"server ready at {self.grpc_url}")
-                    return
-                time.sleep(1.0)
-        raise TimeoutError(f"the server was not ready after {timeout_s:.0f} s; see {self.log_path}")
-
-    def stop(self, grace_s: float = 60.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start_server(checkpoint: str, extra_args: Sequence[str], log_path: Path, max_seconds: float,
+                 env: dict[str, str] | None = None) -> LaunchedServer:
+    """`parakeet-serve` for the sweep on free loopback ports, accepting clips up to `max_seconds`; the server's
+    environment is ours less PARAKEET_* and OMP_* variables, plus `env` (--serve-env)."""
+    args = ["--max-audio-seconds", f"{max(60.0, max_seconds + 1):g}", *extra_args]
+    settings = "".join(f"{name}={shlex.quote(value)} " for name, value in (env or {}).items())
+    _say(f"starting server: {settings}parakeet-serve --checkpoint {shlex.quote(checkpoint)} {shlex.join(args)} "
+         f"(log {log_path})")
+    return LaunchedServer.start(checkpoint, args, log_path=log_path, env=env)
 
 
 def _torch_threads() -> int:
