@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+from benchmarks.processes import descendants, proc_field  # noqa: E402
+
 SPEECH = REPO / "tests" / "fixtures" / "audio" / "long.wav"
 HF_REPO_ID = "nvidia/parakeet-tdt-0.6b-v3"
 KINDS = ("parakeet_core", "nano_parakeet", "nemo")
@@ -87,19 +91,6 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def _descendants(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                children.append(int(entry.name))
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
-
-
 def _process_label(pid: int) -> str:
     command = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
     text = " ".join(part.decode(errors="replace") for part in command)
@@ -111,15 +102,10 @@ def _process_label(pid: int) -> str:
     return "launcher" if "parakeet_triton.serve" in text else Path(command[0].decode()).name
 
 
-def _field(path: Path, name: str) -> int:
-    return next(int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(name))
-
-
 def _process_figures(pid: int) -> tuple[float, float, float]:
     """(resident MiB, proportional MiB (shared pages divided among their processes), MiB read from disk)."""
-    proc = Path("/proc") / str(pid)
-    return (_field(proc / "status", "VmRSS:") / 1024, _field(proc / "smaps_rollup", "Pss:") / 1024,
-            _field(proc / "io", "read_bytes:") / 2**20)
+    return (proc_field(pid, "status", "VmRSS") / 1024, proc_field(pid, "smaps_rollup", "Pss") / 1024,
+            proc_field(pid, "io", "read_bytes") / 2**20)
 
 
 def serve_once(checkpoint: Path, work: Path, drop_caches: bool) -> dict:
@@ -133,10 +119,10 @@ def serve_once(checkpoint: Path, work: Path, drop_caches: bool) -> dict:
         server.wait_ready(1800)
         ready = time.perf_counter() - started
         per_process = {}
-        for pid in [server.pid, *_descendants(server.pid)]:
+        for pid in [server.pid, *descendants(server.pid)]:
             try:
                 per_process[_process_label(pid)] = _process_figures(pid)
-            except (OSError, StopIteration):
+            except OSError:
                 continue
     finally:
         server.stop(60)

@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from benchmarks.processes import descendants, proc_field  # noqa: E402
+
 WARMUP_SECONDS = 5.0
 
 
@@ -42,29 +44,6 @@ def speech_like(seconds: float):
     spec.loader.exec_module(module)
     return module.speech_like(seconds)
 SMALL_FIXTURE = REPO / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
-
-
-def _kib_field(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _descendants(pid: int) -> list[int]:
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            children = []
-        found.extend(int(c) for c in children)
-        frontier.extend(int(c) for c in children)
-    return found
 
 
 def _text_summary(text: str) -> dict:
@@ -84,7 +63,7 @@ def run_in_process(checkpoint: str, seconds: float, threads: int) -> dict:
     model = parakeet_core.from_pretrained(checkpoint, device="cpu")
     model.transcribe(speech_like(WARMUP_SECONDS))
     ready = time.perf_counter() - started
-    rss_ready = _kib_field(os.getpid(), "VmRSS")
+    rss_ready = proc_field(os.getpid(), "status", "VmRSS")
     samples = speech_like(seconds)
     started = time.perf_counter()
     check_waveform(samples, min_samples=model.min_samples)
@@ -116,14 +95,14 @@ def run_served(checkpoint: str, seconds: float, threads: int, scratch: Path) -> 
         with ParakeetClient(server.grpc_url, timeout=4 * 3600) as client:
             client.transcribe(speech_like(WARMUP_SECONDS))
             ready = time.perf_counter() - started
-            processes = [server.pid, *_descendants(server.pid)]
-            rss_ready = sum(_kib_field(pid, "VmRSS") for pid in processes)
+            processes = [server.pid, *descendants(server.pid)]
+            rss_ready = sum(proc_field(pid, "status", "VmRSS") for pid in processes)
             samples = speech_like(seconds)
             started = time.perf_counter()
             transcript = client.transcribe(samples)
             wall = time.perf_counter() - started
-            processes = [server.pid, *_descendants(server.pid)]
-            peak = sum(_kib_field(pid, "VmHWM") for pid in processes)
+            processes = [server.pid, *descendants(server.pid)]
+            peak = sum(proc_field(pid, "status", "VmHWM") for pid in processes)
     finally:
         server.stop(120)
     return {"wall_s": wall, "ready_s": ready, **_text_summary(transcript.text), "processes": len(processes),

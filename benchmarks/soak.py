@@ -32,22 +32,14 @@ from parakeet_client import ParakeetClient, RetryPolicy  # noqa: E402
 from parakeet_triton.server import ALLOCATORS, DEFAULT_ALLOCATOR, LaunchedServer  # noqa: E402
 from parakeet_triton.watchdog import backend_stubs  # noqa: E402
 
+from benchmarks.processes import proc_field  # noqa: E402
+
 DEFAULT_CHECKPOINT = REPO / "tests" / "fixtures" / "v3_small" / "v3_small.nemo"
 def _speech_like(seconds: float):
     spec = importlib.util.spec_from_file_location("tools_long_audio", REPO / "tools" / "long_audio.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.speech_like(seconds)
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _tritonserver_pid(launcher_pid: int) -> int | None:
@@ -60,9 +52,9 @@ def _tritonserver_pid(launcher_pid: int) -> int | None:
 
 def memory_sample(launcher_pid: int, done: int) -> dict:
     server = _tritonserver_pid(launcher_pid)
-    sample = {"requests": done, "tritonserver_mib": _rss_kib(server) / 1024 if server else 0.0}
+    sample = {"requests": done, "tritonserver_mib": proc_field(server, "status", "VmRSS") / 1024 if server else 0.0}
     for pid, model in backend_stubs(launcher_pid).items():
-        sample[f"{model}_mib"] = sample.get(f"{model}_mib", 0.0) + _rss_kib(pid) / 1024
+        sample[f"{model}_mib"] = sample.get(f"{model}_mib", 0.0) + proc_field(pid, "status", "VmRSS") / 1024
     sample["total_mib"] = sum(v for k, v in sample.items() if k.endswith("_mib"))
     return sample
 
